@@ -1,0 +1,1 @@
+"""bot package: arrives with its issue."""

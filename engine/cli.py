@@ -1,0 +1,192 @@
+"""`mergebot merge` and `mergebot check`: the engine's command line.
+
+Errors a user can fix are printed as one line (or a short list) and exit with status 1;
+usage errors exit with 2. A traceback means a bug in mergebot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+from engine.errors import MergeError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def parse_size(text: str) -> int:
+    """Sizes as mergekit writes them (``5B`` = 5 billion bytes) or with binary units (``500MiB``)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMbBgGtT]?)(i?[bB])?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size; write e.g. 5B, 500M or 2GiB")
+    number, unit, binary = float(match[1]), match[2].upper(), (match[3] or "").lower() == "ib"
+    scale = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}[unit]
+    if binary:
+        scale = {"": 1, "K": 2**10, "M": 2**20, "B": 2**30, "G": 2**30, "T": 2**40}[unit]
+    return int(number * scale)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="mergekit YAML recipe")
+    parser.add_argument("--allow-pickle", action="store_true", help="accept models that only have pickled .bin weights")
+    parser.add_argument("--allow-crimes", action="store_true", help="accept models of different architectures")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergebot", description="Merge models from a mergekit YAML recipe.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    merge = commands.add_parser("merge", help="merge models into a folder", description="Merge models into OUT_DIR.")
+    _common(merge)
+    merge.add_argument("out_dir", help="output folder (created; written atomically)")
+    merge.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    merge.add_argument("--out-shard-size", type=parse_size, default="5B", help="bytes per shard, e.g. 5B, 500M, 2GiB")
+    merge.add_argument("--seed", type=int, default=None, help="seed for random methods (overrides random_seed)")
+    merge.add_argument("--dry-run", action="store_true", help="print the plan and exit without reading tensors")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds files")
+    merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    tok = merge.add_mutually_exclusive_group()
+    tok.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True,
+                     help="copy the tokenizer to the output (default)")
+    tok.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false")
+    # mergekit-yaml flags accepted so that copied commands keep working
+    merge.add_argument("--cuda", action="store_true", help="same as --device cuda (mergekit compatibility)")
+    merge.add_argument("--random-seed", dest="seed", type=int, help=argparse.SUPPRESS)
+    for flag in ("--lazy-unpickle", "--low-cpu-memory", "--trust-remote-code", "--write-model-card",
+                 "--no-lazy-unpickle", "--safe-serialization", "--clone-tensors", "--lora-merge-cache"):
+        merge.add_argument(flag, action="store_true" if flag != "--lora-merge-cache" else "store",
+                           help=argparse.SUPPRESS)
+
+    check = commands.add_parser("check", help="audit a recipe's models", description="Audit compatibility.")
+    _common(check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:
+        return int(exc.code or 0) if exc.code in (0, None) else EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        if args.command == "merge":
+            return _merge(args)
+        return _check(args)
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from engine.config import load_recipe
+    from engine.run import MergeOptions, plan_merge, run_merge
+
+    if getattr(args, "trust_remote_code", False):
+        print("note: --trust-remote-code is ignored; mergebot never runs code from model repos", file=sys.stderr)
+    config = load_recipe(args.recipe)
+    options = MergeOptions(
+        device="cuda" if args.cuda else args.device,
+        out_shard_size=args.out_shard_size,
+        seed=args.seed,
+        allow_pickle=args.allow_pickle,
+        copy_tokenizer=args.copy_tokenizer,
+        overwrite=args.overwrite,
+        base_dir=os.path.dirname(os.path.abspath(args.recipe)),
+    )
+    _audit(config, options, args.allow_crimes)
+    if args.dry_run:
+        _print_plan(plan_merge(config, options))
+        return 0
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="tensor", disable=args.no_progress, desc="merging", dynamic_ncols=True)
+
+    def progress(done: int, total: int, message: str) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.set_postfix_str(message[-48:], refresh=False)
+        bar.update(done - bar.n)  # tqdm throttles redraws itself
+
+    try:
+        result = run_merge(config, args.out_dir, options=options, progress=progress)
+    finally:
+        bar.close()
+    shards = f"{len(result.shards)} shard" + ("s" if len(result.shards) > 1 else "")
+    print(f"merged {result.tensors} tensors ({_human(result.bytes_written)} in {shards}) into {result.out_path}")
+    return 0
+
+
+def _audit(config: object, options: object, allow_crimes: bool) -> None:
+    from engine.check import audit_models, raise_for_audit
+    from engine.run import OpenModels
+
+    with OpenModels(config, options) as opened:  # type: ignore[arg-type]
+        raise_for_audit(audit_models(config, opened.metadata(), allow_crimes=allow_crimes))  # type: ignore[arg-type]
+
+
+def _print_plan(plan: object) -> None:
+    from engine.plan import MergePlan
+
+    assert isinstance(plan, MergePlan)
+    print(f"method: {plan.method.name}   tensors: {len(plan.tasks)}   "
+          f"read: {_human(plan.bytes_to_read)}   write: {_human(plan.bytes_to_write)}")
+    for task in plan.tasks:
+        inputs = ", ".join(
+            f"{i.model}:{i.tensor}" + (" (base)" if n == task.base_index else "") for n, i in enumerate(task.inputs)
+        )
+        params = " ".join(f"{k}={_fmt(v)}" for k, v in task.params.items())
+        per_model = "; ".join(
+            " ".join(f"{k}={_fmt(v)}" for k, v in p.items()) for p in task.input_params if p
+        )
+        print(f"{task.name}  {task.dtype}{list(task.shape)}  <- {inputs}  [{params}{' | ' if per_model else ''}{per_model}]")
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n:.1f} TB"
+
+
+def _check(args: argparse.Namespace) -> int:
+    from engine.check import audit_models
+    from engine.config import load_recipe
+    from engine.run import MergeOptions, OpenModels
+
+    config = load_recipe(args.recipe)
+    options = MergeOptions(allow_pickle=args.allow_pickle, base_dir=os.path.dirname(os.path.abspath(args.recipe)))
+    with OpenModels(config, options) as opened:
+        audit = audit_models(config, opened.metadata(), allow_crimes=args.allow_crimes)
+    header = ("model", "architecture", "layers", "hidden", "heads", "kv", "vocab", "dtype", "params")
+    rows = [
+        (r.model, r.architecture, r.layers, r.hidden_size, r.heads, r.kv_heads, r.vocab_size, r.dtype,
+         f"{r.parameters / 1e6:.1f}M")
+        for r in audit.reports
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)))
+    if audit.ok:
+        print("ok: the models are compatible")
+        return 0
+    for mismatch in audit.mismatches:
+        print(f"error: {mismatch}", file=sys.stderr)
+    if audit.plan_error:
+        print(f"error: {audit.plan_error}", file=sys.stderr)
+    return EXIT_ERROR

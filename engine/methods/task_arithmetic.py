@@ -1,0 +1,132 @@
+"""The task-vector family: task arithmetic, TIES, DARE (linear and TIES) as one generalized merge.
+
+For each model, its task vector is ``delta_i = model_i - base``. Optionally each delta is
+sparsified (TIES: by magnitude; DARE: at random), then weighted. With a consensus step
+(TIES, DARE-TIES) a sign is elected per element from the sum of the *weighted* deltas,
+and only deltas that agree with it are kept. The merged delta is their sum, divided,
+when ``normalize`` is on, by the sum of the weights that took part (per element under
+consensus), scaled by ``lambda`` and added to the base.
+
+Compatibility notes (mergekit behaviour that recipes rely on, matched on purpose):
+- ``ties`` normalizes by default and ``dare_ties`` does not, so DARE-TIES weights are
+  absolute scales while TIES weights are relative.
+- the sign vote uses the weighted deltas, so a negative weight votes against its model.
+- elements where a delta is exactly zero take no part in the divisor.
+Difference: deltas are computed in float32 (mergekit uses the input dtype, often bf16),
+which is closer to the exact result.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
+from engine.methods.sparsify import bernoulli, magnitude
+
+Sparsifier = Literal["magnitude", "random"] | None
+Consensus = Literal["sum", "count"] | None
+
+
+def _elect_sign(weighted: torch.Tensor, method: Literal["sum", "count"]) -> torch.Tensor:
+    """+1 or -1 per element: the sign of the total weighted delta (or of the vote count)."""
+    votes = weighted.sum(dim=0) if method == "sum" else weighted.sign().sum(dim=0)
+    return torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
+
+
+def generalized_task_arithmetic(call: MergeCall, sparsifier: Sparsifier, consensus: Consensus) -> torch.Tensor:
+    base = call.base
+    others = call.others()
+    if not others:
+        return base
+    weights = [float(call.input_params[i]["weight"]) for i in others]
+    rescale = bool(call.params["rescale"])
+
+    weighted = torch.empty((len(others), *base.shape), dtype=base.dtype, device=base.device)
+    for row, (i, weight) in enumerate(zip(others, weights, strict=True)):
+        delta = call.tensors[i] - base
+        density = float(call.input_params[i]["density"])
+        if sparsifier == "magnitude":
+            delta = magnitude(delta, density, rescale)
+        elif sparsifier == "random":
+            delta = bernoulli(delta, density, rescale, call.seeds[i])
+        weighted[row] = delta.mul_(weight)  # [n_models, *shape]
+        del delta
+
+    w = torch.tensor(weights, dtype=base.dtype, device=base.device).reshape(-1, *([1] * base.dim()))
+    if consensus is not None:
+        agree = weighted.sign() == _elect_sign(weighted, consensus)  # [n_models, *shape]
+        merged = (weighted * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1.0
+    else:
+        merged = weighted.sum(dim=0)
+        total = float(sum(weights))
+        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, dtype=base.dtype)
+    del weighted
+    if call.params["normalize"]:
+        merged /= divisor
+    scale = float(call.params["lambda"])
+    if scale != 1.0:
+        merged *= scale
+    return merged.add_(base)
+
+
+def _spec(
+    name: str,
+    pretty: str,
+    reference: str,
+    sparsifier: Sparsifier,
+    consensus: Consensus,
+    normalize: bool,
+    rescale: bool,
+) -> MethodSpec:
+    params = [
+        ParamSpec("weight", "float", Scope.NON_BASE, None, "scale of this model's task vector"),
+        ParamSpec("normalize", "bool", Scope.SHARED, normalize, "divide by the sum of the (agreeing) weights"),
+        ParamSpec("lambda", "float", Scope.SHARED, 1.0, "scale of the merged task vector"),
+        ParamSpec(
+            "int8_mask", "bool", Scope.SHARED, False, "accepted for mergekit recipes; no effect on the result"
+        ),
+    ]
+    if sparsifier is not None:
+        params.insert(
+            1,
+            ParamSpec(
+                "density",
+                "float",
+                Scope.NON_BASE,
+                1.0,
+                "fraction of the task vector to keep",
+                minimum=0.0,
+                maximum=1.0,
+                exclusive_minimum=True,
+            ),
+        )
+        params.append(
+            ParamSpec("rescale", "bool", Scope.SHARED, rescale, "rescale survivors to keep the L1 norm")
+        )
+    else:
+        params.append(ParamSpec("rescale", "bool", Scope.SHARED, rescale, "no effect without sparsification"))
+
+    def merge(call: MergeCall) -> torch.Tensor:
+        return generalized_task_arithmetic(call, sparsifier, consensus)
+
+    return MethodSpec(
+        name=name,
+        pretty_name=pretty,
+        reference=reference,
+        params=tuple(params),
+        merge=merge,
+        needs_base=True,
+        randomized=sparsifier == "random",
+    )
+
+
+SPECS = (
+    _spec("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089", None, None, False, False),
+    _spec("ties", "TIES", "https://arxiv.org/abs/2306.01708", "magnitude", "sum", True, False),
+    _spec("dare_ties", "DARE-TIES", "https://arxiv.org/abs/2311.03099", "random", "sum", False, True),
+    _spec("dare_linear", "DARE (linear)", "https://arxiv.org/abs/2311.03099", "random", None, False, True),
+)

@@ -1,0 +1,377 @@
+"""Recipe + model metadata -> the list of output tensors, each with its inputs and parameters.
+
+No tensor data is read here: headers and config.json are enough. Gradients and filters are
+resolved per tensor, so methods only ever see numbers. Layer positions follow mergekit,
+because existing recipes depend on them:
+
+- with ``models:``, every model contributes all its layers; layer ``i`` of ``n`` sits at
+  ``t = i / (n - 1)`` on a gradient;
+- with ``slices:``, ``t`` runs from 0 to 1 within each output slice (``t = 1`` for a
+  one-layer slice), and output layers are numbered consecutively across slices;
+- the tensors outside the blocks (embeddings, final norm, ``lm_head``) all take ``t = 0``,
+  the *first* value of a gradient, and come from the first slice's models (embeddings) or
+  the last slice's models (norm and head).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from engine.architecture import (
+    TIED_HEADS,
+    is_pre_weight,
+    layer_count,
+    layer_count_key,
+    main_layer_prefix,
+    parse_layer_name,
+)
+from engine.config import MergeConfig, Setting
+from engine.errors import IncompatibleModelsError, RecipeError
+from engine.methods import get_method
+from engine.methods.base import MethodSpec, ParamValue, Scope
+from engine.sources.base import TensorInfo
+from engine.sources.safetensors_file import DTYPES
+
+DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What the planner knows about one model: its config.json and its tensor headers."""
+
+    reference: str
+    config: Mapping[str, Any]
+    tensors: Mapping[str, TensorInfo]
+
+    @property
+    def num_layers(self) -> int:
+        return layer_count(self.config, self.tensors)
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    model: str
+    tensor: str
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: where its inputs come from and the numbers its method needs."""
+
+    name: str
+    inputs: tuple[TensorInput, ...]
+    base_index: int | None
+    params: Mapping[str, ParamValue]
+    input_params: tuple[Mapping[str, ParamValue], ...]
+    seeds: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code of the output
+    read_dtype: str | None  # recipe `dtype`: inputs are rounded to it before merging
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    method: MethodSpec
+    tasks: tuple[TensorTask, ...]
+    output_config: Mapping[str, Any]
+    donor: str  # the model whose config, tokenizer and extra files the output takes
+    bytes_to_read: int
+    bytes_to_write: int
+    notes: tuple[str, ...] = field(default=())
+
+
+def tensor_seed(seed: int, tensor: str, input_index: int) -> int:
+    """A 63-bit seed derived from the recipe seed, the output tensor and the input's position."""
+    digest = hashlib.blake2b(f"{seed}\0{tensor}\0{input_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One model feeding an output group, with the parameters written for it."""
+
+    model: str
+    params: Mapping[str, Setting] | None
+    first_layer: int
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A run of output layers merged from the same sources (a slice, or the whole model)."""
+
+    sources: tuple[_Source, ...]
+    num_layers: int
+    base: str | None
+    params: Mapping[str, Setting] | None
+
+
+def build_plan(config: MergeConfig, models: Mapping[str, ModelMeta], *, seed: int | None = None) -> MergePlan:
+    """Plan every output tensor of a merge.
+
+    Raises:
+        IncompatibleModelsError: tensor names, shapes or layer counts disagree.
+        RecipeError: a parameter resolves to an invalid value for some tensor.
+    """
+    method = get_method(config.merge_method)
+    groups = _groups(config, models)
+    donor = config.base_model or config.referenced_models()[0]
+    base_seed = seed if seed is not None else (config.random_seed or 0)
+    reference_model = models[donor]
+    prefix = main_layer_prefix(reference_model.tensors)
+    out_dtype = DTYPE_CODES[config.out_dtype or config.dtype] if (config.out_dtype or config.dtype) else None
+    planner = _Planner(config, method, models, base_seed, out_dtype)
+
+    # Names outside the blocks, in the donor's order: embeddings first, then the rest.
+    outside = [n for n in reference_model.tensors if not _is_block(n, prefix)]
+    pre = [n for n in outside if is_pre_weight(n)]
+    post = [n for n in outside if not is_pre_weight(n)]
+    first, last = groups[0], groups[-1]
+    for name in pre:
+        planner.add(name, [(s, name) for s in first.sources], first, t=0.0)
+    out_layer = 0
+    for group in groups:
+        for offset in range(group.num_layers):
+            t = offset / (group.num_layers - 1) if group.num_layers > 1 else 1.0
+            for rest in _layer_suffixes(models, group, offset, prefix):
+                out_name = f"{prefix}.{out_layer}.{rest}"
+                inputs = [(s, f"{prefix}.{s.first_layer + offset}.{rest}") for s in group.sources]
+                planner.add(out_name, inputs, group, t=t)
+            out_layer += 1
+    for name in post:
+        planner.add(name, [(s, name) for s in last.sources], last, t=0.0)
+    for head in TIED_HEADS:
+        if head not in reference_model.tensors and any(head in models[s.model].tensors for s in last.sources):
+            planner.add(head, [(s, head) for s in last.sources], last, t=0.0)
+
+    output_config = _output_config(config, models, donor, groups, out_layer)
+    tasks = tuple(planner.tasks)
+    return MergePlan(
+        method=method,
+        tasks=tasks,
+        output_config=output_config,
+        donor=donor,
+        bytes_to_read=planner.bytes_to_read,
+        bytes_to_write=sum(t.nbytes for t in tasks),
+        notes=tuple(planner.notes),
+    )
+
+
+def _is_block(name: str, prefix: str | None) -> bool:
+    parsed = parse_layer_name(name)
+    return parsed is not None and parsed.prefix == prefix
+
+
+def _groups(config: MergeConfig, models: Mapping[str, ModelMeta]) -> list[_Group]:
+    if config.models:
+        sources = [_Source(m.model, m.parameters, 0) for m in config.models]
+        if config.base_model and config.base_model not in {s.model for s in sources}:
+            sources.append(_Source(config.base_model, None, 0))
+        counts = {s.model: models[s.model].num_layers for s in sources}
+        if len(set(counts.values())) > 1:
+            detail = ", ".join(f"'{m}': {n}" for m, n in counts.items())
+            raise IncompatibleModelsError(
+                f"The models have different numbers of layers ({detail}); merging whole models needs the same "
+                "depth. Use `slices` with `layer_range` to choose layers.",
+                models=list(counts),
+                field="num_hidden_layers",
+            )
+        return [_Group(tuple(sources), next(iter(counts.values())), config.base_model, None)]
+    groups = []
+    for s_index, out_slice in enumerate(config.slices or []):
+        base = out_slice.base_model or config.base_model
+        sources = [_Source(src.model, src.parameters, src.layer_range[0]) for src in out_slice.sources]
+        for j, src in enumerate(out_slice.sources):
+            available = models[src.model].num_layers
+            if src.layer_range[1] > available:
+                raise RecipeError.single(
+                    f"slices[{s_index}].sources[{j}].layer_range",
+                    f"[{src.layer_range[0]}, {src.layer_range[1]}) goes past the last layer of '{src.model}', "
+                    f"which has {available} layers (0 to {available - 1})",
+                )
+        length = out_slice.sources[0].layer_range[1] - out_slice.sources[0].layer_range[0]
+        if base and base not in {s.model for s in sources} and get_method(config.merge_method).needs_base:
+            sources.append(_Source(base, None, out_slice.sources[0].layer_range[0]))
+        groups.append(_Group(tuple(sources), length, base, out_slice.parameters))
+    return groups
+
+
+def _layer_suffixes(models: Mapping[str, ModelMeta], group: _Group, offset: int, prefix: str | None) -> list[str]:
+    """The tensor names (after the layer index) of one layer, which every source must have."""
+    per_source: list[tuple[str, list[str]]] = []
+    for src in group.sources:
+        index = src.first_layer + offset
+        rests = [
+            p.rest
+            for n in models[src.model].tensors
+            if (p := parse_layer_name(n)) and p.prefix == prefix and p.index == index
+        ]
+        per_source.append((src.model, rests))
+    reference_model, reference = per_source[0]
+    for model, rests in per_source[1:]:
+        missing = [r for r in reference if r not in rests]
+        if missing:
+            raise IncompatibleModelsError(
+                f"Tensor '{prefix}.{group.sources[0].first_layer + offset}.{missing[0]}' of '{reference_model}' "
+                f"has no counterpart in '{model}' ({len(missing)} tensors of that layer are missing). "
+                "The models do not share an architecture.",
+                models=[reference_model, model],
+                field="tensor names",
+            )
+    return reference
+
+
+class _Planner:
+    def __init__(
+        self,
+        config: MergeConfig,
+        method: MethodSpec,
+        models: Mapping[str, ModelMeta],
+        seed: int,
+        out_dtype: str | None,
+    ) -> None:
+        self.config = config
+        self.method = method
+        self.models = models
+        self.seed = seed
+        self.out_dtype = out_dtype
+        self.read_dtype = DTYPE_CODES[config.dtype] if config.dtype else None
+        self.tasks: list[TensorTask] = []
+        self.bytes_to_read = 0
+        self.notes: list[str] = []
+
+    def add(self, out_name: str, inputs: Sequence[tuple[_Source, str]], group: _Group, t: float) -> None:
+        resolved: list[tuple[_Source, str]] = []
+        for src, tensor in inputs:
+            available = self.models[src.model].tensors
+            if tensor not in available:
+                tied = next((alt for alt in TIED_HEADS.get(tensor, ()) if alt in available), None)
+                if tied is None:
+                    raise IncompatibleModelsError(
+                        f"Model '{src.model}' has no tensor '{tensor}', which the merge needs for '{out_name}'. "
+                        "The models do not share an architecture.",
+                        models=[src.model],
+                        field="tensor names",
+                    )
+                tensor = tied  # output head tied to the input embedding in this model
+            resolved.append((src, tensor))
+
+        infos = [self.models[src.model].tensors[tensor] for src, tensor in resolved]
+        shapes = {info.shape for info in infos}
+        if len(shapes) > 1:
+            detail = ", ".join(f"'{src.model}': {list(i.shape)}" for (src, _), i in zip(resolved, infos, strict=True))
+            hint = " The vocabularies differ in size." if "embed" in out_name or "head" in out_name else ""
+            raise IncompatibleModelsError(
+                f"Tensor '{out_name}' has different shapes ({detail}).{hint}",
+                models=[src.model for src, _ in resolved],
+                field="shape",
+            )
+
+        base = group.base
+        base_index = next((i for i, (src, _) in enumerate(resolved) if src.model == base), None)
+        params = {
+            p.name: self._resolve(p.name, group, None, out_name, t, p.scope)
+            for p in self.method.params_in(Scope.SHARED)
+        }
+        input_params = []
+        for i, (src, tensor) in enumerate(resolved):
+            scopes = (Scope.INPUT,) if i == base_index else (Scope.INPUT, Scope.NON_BASE)
+            input_params.append(
+                MappingProxyType(
+                    {p.name: self._resolve(p.name, group, src, tensor, t, p.scope) for p in self.method.params_in(*scopes)}
+                )
+            )
+        self._check_values(out_name, params, input_params, base_index)
+        stored = infos[0].dtype
+        self.bytes_to_read += sum(info.nbytes for info in infos)
+        self.tasks.append(
+            TensorTask(
+                name=out_name,
+                inputs=tuple(TensorInput(src.model, tensor) for src, tensor in resolved),
+                base_index=base_index,
+                params=MappingProxyType(params),
+                input_params=tuple(input_params),
+                seeds=tuple(tensor_seed(self.seed, out_name, i) for i in range(len(resolved))),
+                shape=infos[0].shape,
+                dtype=self.out_dtype if self.out_dtype and _is_float(stored) else stored,
+                read_dtype=self.read_dtype,
+            )
+        )
+
+    def _resolve(
+        self, name: str, group: _Group, source: _Source | None, tensor: str, t: float, scope: Scope
+    ) -> ParamValue:
+        spec = self.method.param(name)
+        assert spec is not None
+        scopes: list[Mapping[str, Setting] | None] = []
+        if source is not None:
+            scopes.append(source.params)
+        scopes += [group.params, self.config.parameters]
+        for settings in scopes:
+            if settings and name in settings:
+                value = settings[name].resolve(tensor, t, spec)
+                if value is not None:
+                    return value
+        if spec.default is None:
+            who = f" for model '{source.model}'" if source else ""
+            raise RecipeError.single(
+                "parameters", f"`{name}` is not set{who} for tensor '{tensor}' (no filter matched it)"
+            )
+        return spec.default
+
+    def _check_values(
+        self,
+        out_name: str,
+        params: Mapping[str, ParamValue],
+        input_params: Sequence[Mapping[str, ParamValue]],
+        base_index: int | None,
+    ) -> None:
+        if self.method.name == "linear" and params.get("normalize"):
+            total = sum(float(p["weight"]) for p in input_params)
+            if abs(total) < 1e-12:
+                raise RecipeError.single(
+                    "parameters.weight",
+                    f"the weights for tensor '{out_name}' sum to 0, so they cannot be normalized; "
+                    "change them or set `normalize: false`",
+                )
+        if self.method.needs_base and base_index is None:
+            raise RecipeError.single("base_model", f"{self.method.name} needs a base model among the inputs")
+
+
+def _is_float(code: str) -> bool:
+    return code in {"F64", "F32", "F16", "BF16"}
+
+
+def _output_config(
+    config: MergeConfig, models: Mapping[str, ModelMeta], donor: str, groups: Sequence[_Group], total_layers: int
+) -> dict[str, Any]:
+    """The donor's config.json, with the layer count (and per-layer lists) of the stacked model."""
+    out = dict(models[donor].config)
+    out_dtype = config.out_dtype or config.dtype
+    if out_dtype:
+        key = "torch_dtype" if "torch_dtype" in out and "dtype" not in out else "dtype"
+        out[key] = out_dtype
+    if config.slices:
+        out[layer_count_key(out)] = total_layers
+        # Per-layer lists (transformers 5's `layer_types`, for one) must follow the stacked layers.
+        for key, value in list(out.items()):
+            donor_layers = models[donor].num_layers
+            if isinstance(value, list) and len(value) == donor_layers and key.startswith("layer_"):
+                stacked = []
+                for group in groups:
+                    src_config = models[group.sources[0].model].config
+                    src_list = src_config.get(key, value)
+                    for offset in range(group.num_layers):
+                        stacked.append(src_list[group.sources[0].first_layer + offset])
+                out[key] = stacked
+        if "max_window_layers" in out and isinstance(out["max_window_layers"], int):
+            out["max_window_layers"] = min(out["max_window_layers"], total_layers)
+    return out

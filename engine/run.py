@@ -1,0 +1,312 @@
+"""Stream a plan through the methods into the writer.
+
+Memory bound: at any time the engine holds the inputs of one output tensor in the compute
+dtype (n_inputs x size x 4 bytes), the method's working set (at most n_inputs + 2 more of
+the same size for the task-vector methods) and the output; input pages are dropped
+from the process after each read and output bytes go straight to their file. So peak
+resident memory is about ``(2 * n_inputs + 3) * largest_tensor_elements * 4`` bytes plus
+the interpreter, and does not grow with the number of tensors in the model.
+
+The output is built in a hidden temporary folder beside the destination and renamed into
+place only when complete, so a failed merge leaves no partial output behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import MergeConfig
+from engine.errors import MergeError, OutputError, RecipeError
+from engine.plan import MergePlan, ModelMeta, TensorTask, build_plan
+from engine.sources import ModelSource, open_model
+from engine.sources.safetensors_file import DTYPES
+from engine.writer import DEFAULT_SHARD_BYTES, OutputTensor, ShardedWriter
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+RECIPE_NAME = "mergekit_config.yml"
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to run a merge (the recipe says what to merge)."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out_shard_size: int = DEFAULT_SHARD_BYTES
+    seed: int | None = None  # overrides the recipe's random_seed
+    allow_pickle: bool = False
+    copy_tokenizer: bool = True
+    overwrite: bool = False
+    base_dir: str | None = None  # where relative model paths in the recipe are looked up too
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out_path: str
+    tensors: int
+    bytes_written: int
+    shards: tuple[str, ...]
+    notes: tuple[str, ...] = field(default=())
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+    return torch.device(device)
+
+
+class OpenModels:
+    """Every model a recipe references, opened once and closed together."""
+
+    def __init__(self, config: MergeConfig, options: MergeOptions) -> None:
+        self.sources: dict[str, ModelSource] = {}
+        try:
+            for ref in config.referenced_models():
+                self.sources[ref] = open_model(ref, allow_pickle=options.allow_pickle, base_dir=options.base_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def metadata(self) -> dict[str, ModelMeta]:
+        return {ref: ModelMeta(ref, src.config(), src.tensors()) for ref, src in self.sources.items()}
+
+    def close(self) -> None:
+        for src in self.sources.values():
+            src.close()
+
+    def __enter__(self) -> OpenModels:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def plan_merge(config: MergeConfig, options: MergeOptions | None = None) -> MergePlan:
+    """Plan a merge from headers and configs only (what ``--dry-run`` prints)."""
+    options = options or MergeOptions()
+    with OpenModels(config, options) as opened:
+        return build_plan(config, opened.metadata(), seed=options.seed)
+
+
+def run_merge(
+    config: MergeConfig,
+    out_path: str | os.PathLike[str],
+    *,
+    options: MergeOptions | None = None,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Merge the recipe's models into ``out_path`` (created; must not hold another model).
+
+    Raises:
+        MergeError: a subclass naming what the user has to fix; nothing is left at ``out_path``.
+    """
+    options = options or MergeOptions()
+    out = os.path.abspath(os.fspath(out_path))
+    _check_destination(out, options.overwrite)
+    device = resolve_device(options.device)
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    except OSError as exc:
+        raise OutputError(out, exc.strerror or str(exc)) from None
+    try:
+        with OpenModels(config, options) as opened:
+            plan = build_plan(config, opened.metadata(), seed=options.seed)
+            writer = ShardedWriter(
+                staging, [OutputTensor(t.name, t.dtype, t.shape) for t in plan.tasks], options.out_shard_size
+            )
+            try:
+                _execute(plan, opened.sources, writer, device, progress)
+                writer.finish()
+            finally:
+                writer.abort()
+            _write_side_files(config, plan, opened.sources, staging, options)
+        _publish(staging, out, options.overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return MergeResult(
+        out_path=out,
+        tensors=len(plan.tasks),
+        bytes_written=plan.bytes_to_write,
+        shards=tuple(writer.shard_names),
+        notes=plan.notes,
+    )
+
+
+def _execute(
+    plan: MergePlan,
+    sources: Mapping[str, ModelSource],
+    writer: ShardedWriter,
+    device: torch.device,
+    progress: Progress | None,
+) -> None:
+    total = len(plan.tasks)
+    for done, task in enumerate(plan.tasks):
+        result = merge_tensor(plan, task, sources, device)
+        writer.write(task.name, result)
+        del result
+        if progress:
+            progress(done + 1, total, task.name)
+
+
+def merge_tensor(
+    plan: MergePlan, task: TensorTask, sources: Mapping[str, ModelSource], device: torch.device
+) -> torch.Tensor:
+    """Read one output tensor's inputs, merge them, and return the result in the output dtype."""
+    from engine.methods.base import MergeCall
+
+    out_dtype = DTYPES[task.dtype][0]
+    if not out_dtype.is_floating_point:
+        # integer buffers (position ids, masks) are not averaged: the donor's copy is kept
+        index = task.base_index if task.base_index is not None else 0
+        src = task.inputs[index]
+        return sources[src.model].read(src.tensor).to(out_dtype)
+    compute = torch.float64 if task.read_dtype == "F64" else torch.float32
+    round_to = DTYPES[task.read_dtype][0] if task.read_dtype else None
+    tensors = []
+    for item in task.inputs:
+        t = sources[item.model].read(item.tensor, round_to or compute)
+        if round_to is not None and round_to != compute:
+            t = t.to(compute)
+        tensors.append(t.to(device, non_blocking=True))
+    call = MergeCall(
+        tensors=tensors,
+        base_index=task.base_index,
+        params=task.params,
+        input_params=task.input_params,
+        seeds=task.seeds,
+        tensor_name=task.name,
+    )
+    try:
+        merged = plan.method.merge(call)
+    except ValueError as exc:
+        raise RecipeError.single("parameters", f"{exc} (tensor '{task.name}')") from None
+    return merged.to(out_dtype)
+
+
+def _check_destination(out: str, overwrite: bool) -> None:
+    if os.path.isfile(out):
+        raise OutputError(out, "it is a file; give a folder path")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise OutputError(out, "the folder exists and is not empty; choose another path or pass --overwrite")
+
+
+def _publish(staging: str, out: str, overwrite: bool) -> None:
+    """Move the finished output into place; an existing folder is replaced only at the very end."""
+    try:
+        if os.path.isdir(out):
+            if os.listdir(out) and not overwrite:
+                raise OutputError(out, "the folder appeared while merging; nothing was changed")
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+            os.rename(out, os.path.join(old, "previous"))
+            os.rename(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, out)
+    except OSError as exc:
+        raise OutputError(out, exc.strerror or str(exc)) from None
+
+
+def _write_side_files(
+    config: MergeConfig,
+    plan: MergePlan,
+    sources: Mapping[str, ModelSource],
+    folder: str,
+    options: MergeOptions,
+) -> None:
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(plan.output_config), f, indent=2, sort_keys=True)
+        f.write("\n")
+    with open(os.path.join(folder, RECIPE_NAME), "w", encoding="utf-8") as f:
+        f.write(config.to_yaml())
+
+    donor = sources[plan.donor]
+    if "generation_config.json" in donor.files():
+        _copy(donor, "generation_config.json", folder)
+    if not options.copy_tokenizer:
+        return
+    tokenizer_model = plan.donor
+    if config.tokenizer_source and config.tokenizer_source != "base":
+        tokenizer_model = config.tokenizer_source
+        if tokenizer_model not in sources:
+            raise RecipeError.single(
+                "tokenizer_source", f"'{tokenizer_model}' is not one of the recipe's models; use `base` or one of them"
+            )
+    tok_source = sources[tokenizer_model]
+    available = set(tok_source.files())
+    for name in TOKENIZER_FILES:
+        if name in available:
+            _copy(tok_source, name, folder)
+    if config.chat_template:
+        _write_chat_template(config.chat_template, sources, folder)
+
+
+def _copy(source: ModelSource, name: str, folder: str) -> None:
+    with open(os.path.join(folder, name), "wb") as f:
+        f.write(source.read_file(name))
+
+
+def _write_chat_template(template: str, sources: Mapping[str, ModelSource], folder: str) -> None:
+    """``auto`` takes the template most of the models use; ``chatml`` is built in; else a Jinja text."""
+    if template == "auto":
+        found = []
+        for src in sources.values():
+            if "chat_template.jinja" in src.files():
+                found.append(src.read_file("chat_template.jinja").decode("utf-8"))
+            elif "tokenizer_config.json" in src.files():
+                tok = json.loads(src.read_file("tokenizer_config.json"))
+                if isinstance(tok.get("chat_template"), str):
+                    found.append(tok["chat_template"])
+        if not found:
+            log.warning("chat_template: auto found no chat template in any model; none written")
+            return
+        text = Counter(found).most_common(1)[0][0]
+    elif template == "chatml":
+        text = CHATML
+    elif "{" in template:
+        text = template
+    else:
+        raise RecipeError.single(
+            "chat_template", f"'{template}' is not a known template; use auto, chatml, or a Jinja template text"
+        )
+    with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(text)
+    # a template in tokenizer_config.json would take precedence over the file; drop it
+    tok_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(tok_path):
+        with open(tok_path, encoding="utf-8") as f:
+            tok = json.load(f)
+        if tok.pop("chat_template", None) is not None:
+            with open(tok_path, "w", encoding="utf-8") as f:
+                json.dump(tok, f, indent=2)

@@ -1,0 +1,5 @@
+import sys
+
+from mergebot.cli import main
+
+sys.exit(main())

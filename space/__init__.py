@@ -1,0 +1,1 @@
+"""space package: arrives with its issue."""
