@@ -13,7 +13,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|block|layer|decoder_layers))\.(?P<index>\d+)\.(?P<rest>.+)$")
+_LAYER = re.compile(
+    r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|block|layer|decoder_layers))\.(?P<index>\d+)\.(?P<rest>.+)$"
+)
 _EMBEDDING_HINTS = ("embed", "wte", "wpe", "word_embeddings", "tok_embeddings")
 # Output heads that a checkpoint may omit when they share the input embedding's weights.
 TIED_HEADS: Mapping[str, tuple[str, ...]] = {

@@ -77,7 +77,9 @@ def report_for(meta: ModelMeta) -> ModelReport:
 _MUST_AGREE = ("architecture", "hidden_size", "heads", "kv_heads", "vocab_size")
 
 
-def audit_models(config: MergeConfig, models: Mapping[str, ModelMeta], *, allow_crimes: bool = False) -> Audit:
+def audit_models(
+    config: MergeConfig, models: Mapping[str, ModelMeta], *, allow_crimes: bool = False
+) -> Audit:
     """Compare the models a recipe names and try to plan the merge.
 
     ``allow_crimes`` (mergekit's flag) accepts differing architectures; shapes must still agree.

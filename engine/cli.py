@@ -33,8 +33,12 @@ def parse_size(text: str) -> int:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="mergekit YAML recipe")
-    parser.add_argument("--allow-pickle", action="store_true", help="accept models that only have pickled .bin weights")
-    parser.add_argument("--allow-crimes", action="store_true", help="accept models of different architectures")
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="accept models that only have pickled .bin weights"
+    )
+    parser.add_argument(
+        "--allow-crimes", action="store_true", help="accept models of different architectures"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
 
 
@@ -42,26 +46,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergebot", description="Merge models from a mergekit YAML recipe.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    merge = commands.add_parser("merge", help="merge models into a folder", description="Merge models into OUT_DIR.")
+    merge = commands.add_parser(
+        "merge", help="merge models into a folder", description="Merge models into OUT_DIR."
+    )
     _common(merge)
     merge.add_argument("out_dir", help="output folder (created; written atomically)")
     merge.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    merge.add_argument("--out-shard-size", type=parse_size, default="5B", help="bytes per shard, e.g. 5B, 500M, 2GiB")
-    merge.add_argument("--seed", type=int, default=None, help="seed for random methods (overrides random_seed)")
-    merge.add_argument("--dry-run", action="store_true", help="print the plan and exit without reading tensors")
+    merge.add_argument(
+        "--out-shard-size", type=parse_size, default="5B", help="bytes per shard, e.g. 5B, 500M, 2GiB"
+    )
+    merge.add_argument(
+        "--seed", type=int, default=None, help="seed for random methods (overrides random_seed)"
+    )
+    merge.add_argument(
+        "--dry-run", action="store_true", help="print the plan and exit without reading tensors"
+    )
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds files")
     merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     tok = merge.add_mutually_exclusive_group()
-    tok.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True,
-                     help="copy the tokenizer to the output (default)")
+    tok.add_argument(
+        "--copy-tokenizer",
+        dest="copy_tokenizer",
+        action="store_true",
+        default=True,
+        help="copy the tokenizer to the output (default)",
+    )
     tok.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false")
     # mergekit-yaml flags accepted so that copied commands keep working
     merge.add_argument("--cuda", action="store_true", help="same as --device cuda (mergekit compatibility)")
     merge.add_argument("--random-seed", dest="seed", type=int, help=argparse.SUPPRESS)
-    for flag in ("--lazy-unpickle", "--low-cpu-memory", "--trust-remote-code", "--write-model-card",
-                 "--no-lazy-unpickle", "--safe-serialization", "--clone-tensors", "--lora-merge-cache"):
-        merge.add_argument(flag, action="store_true" if flag != "--lora-merge-cache" else "store",
-                           help=argparse.SUPPRESS)
+    for flag in (
+        "--lazy-unpickle",
+        "--low-cpu-memory",
+        "--trust-remote-code",
+        "--write-model-card",
+        "--no-lazy-unpickle",
+        "--safe-serialization",
+        "--clone-tensors",
+        "--lora-merge-cache",
+    ):
+        merge.add_argument(
+            flag, action="store_true" if flag != "--lora-merge-cache" else "store", help=argparse.SUPPRESS
+        )
 
     check = commands.add_parser("check", help="audit a recipe's models", description="Audit compatibility.")
     _common(check)
@@ -74,7 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:
         return int(exc.code or 0) if exc.code in (0, None) else EXIT_USAGE
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     try:
         if args.command == "merge":
             return _merge(args)
@@ -92,7 +120,9 @@ def _merge(args: argparse.Namespace) -> int:
     from engine.run import MergeOptions, plan_merge, run_merge
 
     if getattr(args, "trust_remote_code", False):
-        print("note: --trust-remote-code is ignored; mergebot never runs code from model repos", file=sys.stderr)
+        print(
+            "note: --trust-remote-code is ignored; mergebot never runs code from model repos", file=sys.stderr
+        )
     config = load_recipe(args.recipe)
     options = MergeOptions(
         device="cuda" if args.cuda else args.device,
@@ -123,7 +153,9 @@ def _merge(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     shards = f"{len(result.shards)} shard" + ("s" if len(result.shards) > 1 else "")
-    print(f"merged {result.tensors} tensors ({_human(result.bytes_written)} in {shards}) into {result.out_path}")
+    print(
+        f"merged {result.tensors} tensors ({_human(result.bytes_written)} in {shards}) into {result.out_path}"
+    )
     return 0
 
 
@@ -139,17 +171,22 @@ def _print_plan(plan: object) -> None:
     from engine.plan import MergePlan
 
     assert isinstance(plan, MergePlan)
-    print(f"method: {plan.method.name}   tensors: {len(plan.tasks)}   "
-          f"read: {_human(plan.bytes_to_read)}   write: {_human(plan.bytes_to_write)}")
+    print(
+        f"method: {plan.method.name}   tensors: {len(plan.tasks)}   "
+        f"read: {_human(plan.bytes_to_read)}   write: {_human(plan.bytes_to_write)}"
+    )
     for task in plan.tasks:
         inputs = ", ".join(
-            f"{i.model}:{i.tensor}" + (" (base)" if n == task.base_index else "") for n, i in enumerate(task.inputs)
+            f"{i.model}:{i.tensor}" + (" (base)" if n == task.base_index else "")
+            for n, i in enumerate(task.inputs)
         )
         params = " ".join(f"{k}={_fmt(v)}" for k, v in task.params.items())
         per_model = "; ".join(
             " ".join(f"{k}={_fmt(v)}" for k, v in p.items()) for p in task.input_params if p
         )
-        print(f"{task.name}  {task.dtype}{list(task.shape)}  <- {inputs}  [{params}{' | ' if per_model else ''}{per_model}]")
+        print(
+            f"{task.name}  {task.dtype}{list(task.shape)}  <- {inputs}  [{params}{' | ' if per_model else ''}{per_model}]"
+        )
 
 
 def _fmt(value: object) -> str:
@@ -170,13 +207,24 @@ def _check(args: argparse.Namespace) -> int:
     from engine.run import MergeOptions, OpenModels
 
     config = load_recipe(args.recipe)
-    options = MergeOptions(allow_pickle=args.allow_pickle, base_dir=os.path.dirname(os.path.abspath(args.recipe)))
+    options = MergeOptions(
+        allow_pickle=args.allow_pickle, base_dir=os.path.dirname(os.path.abspath(args.recipe))
+    )
     with OpenModels(config, options) as opened:
         audit = audit_models(config, opened.metadata(), allow_crimes=args.allow_crimes)
     header = ("model", "architecture", "layers", "hidden", "heads", "kv", "vocab", "dtype", "params")
     rows = [
-        (r.model, r.architecture, r.layers, r.hidden_size, r.heads, r.kv_heads, r.vocab_size, r.dtype,
-         f"{r.parameters / 1e6:.1f}M")
+        (
+            r.model,
+            r.architecture,
+            r.layers,
+            r.hidden_size,
+            r.heads,
+            r.kv_heads,
+            r.vocab_size,
+            r.dtype,
+            f"{r.parameters / 1e6:.1f}M",
+        )
         for r in audit.reports
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]

@@ -61,7 +61,11 @@ class Setting:
         with n anchors, position ``t * (n - 1)``. Non-numeric gradients pick the anchor below.
         """
         for branch in self.branches:
-            if branch.filter is None or branch.filter == "*" or (tensor_name and branch.filter in tensor_name):
+            if (
+                branch.filter is None
+                or branch.filter == "*"
+                or (tensor_name and branch.filter in tensor_name)
+            ):
                 return _interpolate([spec.coerce(v) for v in branch.values], t)
         return None
 
@@ -257,7 +261,9 @@ def load_recipe(source: str | os.PathLike[str], *, name: str | None = None) -> M
 
 
 def _read_source(source: str | os.PathLike[str]) -> tuple[str, str | None]:
-    if isinstance(source, os.PathLike) or ("\n" not in str(source) and str(source).endswith((".yml", ".yaml"))):
+    if isinstance(source, os.PathLike) or (
+        "\n" not in str(source) and str(source).endswith((".yml", ".yaml"))
+    ):
         path = os.fspath(source)
         try:
             with open(path, encoding="utf-8") as f:
@@ -274,10 +280,15 @@ def validate_recipe(
     lines = lines or {}
     problems: list[tuple[tuple[Any, ...], str]] = []
     if "modules" in data:
-        problems.append((("modules",), "`modules:` (multi-module models) is not supported; use `models` or `slices`"))
+        problems.append(
+            (("modules",), "`modules:` (multi-module models) is not supported; use `models` or `slices`")
+        )
     if "tokenizer" in data:
         problems.append(
-            (("tokenizer",), "the `tokenizer:` block is not supported yet; use `tokenizer_source: base` or a model")
+            (
+                ("tokenizer",),
+                "the `tokenizer:` block is not supported yet; use `tokenizer_source: base` or a model",
+            )
         )
     cleaned = {k: v for k, v in data.items() if k not in {"modules", "tokenizer"}}
     unknown = [k for k in cleaned if k not in MergeConfig.model_fields]
@@ -313,7 +324,9 @@ def validate_recipe(
 
 def _problem(loc: tuple[Any, ...], message: str, lines: dict[tuple[Any, ...], int]) -> RecipeProblem:
     # pydantic adds type tags (e.g. 'function-after[...]') to locations; drop them
-    clean = tuple(p for p in loc if isinstance(p, int) or not str(p).startswith(("function-", "tuple[", "list[")))
+    clean = tuple(
+        p for p in loc if isinstance(p, int) or not str(p).startswith(("function-", "tuple[", "list["))
+    )
     text = ""
     for part in clean:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
@@ -356,15 +369,22 @@ def _semantic_problems(config: MergeConfig) -> list[tuple[tuple[Any, ...], str]]
     if spec is None:
         return [(("merge_method",), unknown_method_message(config.merge_method))]
     if bool(config.models) == bool(config.slices):
-        problems.append(((), "give exactly one of `models` (merge whole models) or `slices` (merge layer ranges)"))
+        problems.append(
+            ((), "give exactly one of `models` (merge whole models) or `slices` (merge layer ranges)")
+        )
         return problems
     if spec.needs_base and not config.base_model and not any(s.base_model for s in config.slices or []):
-        problems.append((("base_model",), f"{spec.name} needs a `base_model` (the model the others were tuned from)"))
+        problems.append(
+            (("base_model",), f"{spec.name} needs a `base_model` (the model the others were tuned from)")
+        )
     if config.random_seed is not None and config.random_seed < 0:
         problems.append((("random_seed",), "must be a non-negative integer"))
     if config.tokenizer_source == "union":
         problems.append(
-            (("tokenizer_source",), "`union` is not supported yet; use `base` or the name of one of the models")
+            (
+                ("tokenizer_source",),
+                "`union` is not supported yet; use `base` or the name of one of the models",
+            )
         )
 
     # Inputs per output group, to check counts.
@@ -383,7 +403,10 @@ def _semantic_problems(config: MergeConfig) -> list[tuple[tuple[Any, ...], str]]
         lengths = {src.layer_range[1] - src.layer_range[0] for src in out_slice.sources}
         if len(lengths) > 1:
             problems.append(
-                (("slices", s_index, "sources"), f"all sources of a slice must span as many layers, got {sorted(lengths)}")
+                (
+                    ("slices", s_index, "sources"),
+                    f"all sources of a slice must span as many layers, got {sorted(lengths)}",
+                )
             )
         if not out_slice.sources:
             problems.append((("slices", s_index, "sources"), "a slice needs at least one source"))
@@ -396,7 +419,9 @@ def _semantic_problems(config: MergeConfig) -> list[tuple[tuple[Any, ...], str]]
         if spec.max_inputs is not None and n > spec.max_inputs:
             more = " (use `slices` to stack layers from several models)" if spec.name == "passthrough" else ""
             extra = " (the base and one other model)" if spec.name == "slerp" else ""
-            problems.append((loc, f"{spec.name} takes at most {spec.max_inputs} models{extra}, got {n}{more}"))
+            problems.append(
+                (loc, f"{spec.name} takes at most {spec.max_inputs} models{extra}, got {n}{more}")
+            )
         if spec.name == "slerp" and base and base not in names:
             problems.append((loc, "slerp interpolates from the base model: list it among the models"))
 
@@ -414,7 +439,9 @@ def _parameter_problems(config: MergeConfig, spec: Any) -> list[tuple[tuple[Any,
             pspec = spec.param(pname)
             if pspec is None:
                 if pname in known_anywhere:
-                    log.warning("%s: parameter '%s' has no effect with %s", ".".join(map(str, loc)), pname, spec.name)
+                    log.warning(
+                        "%s: parameter '%s' has no effect with %s", ".".join(map(str, loc)), pname, spec.name
+                    )
                     continue
                 names = [p.name for p in spec.params]
                 close = difflib.get_close_matches(pname, names, n=1)
@@ -448,7 +475,9 @@ def _parameter_problems(config: MergeConfig, spec: Any) -> list[tuple[tuple[Any,
         if not pspec.required or pspec.name in top:
             continue
         if pspec.scope == Scope.SHARED:
-            slice_has = bool(config.slices) and all(pspec.name in (s.parameters or {}) for s in config.slices or [])
+            slice_has = bool(config.slices) and all(
+                pspec.name in (s.parameters or {}) for s in config.slices or []
+            )
             if not slice_has:
                 problems.append((("parameters",), f"{spec.name} needs `{pspec.name}` ({pspec.doc})"))
             continue

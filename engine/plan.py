@@ -127,7 +127,8 @@ def build_plan(config: MergeConfig, models: Mapping[str, ModelMeta], *, seed: in
     base_seed = seed if seed is not None else (config.random_seed or 0)
     reference_model = models[donor]
     prefix = main_layer_prefix(reference_model.tensors)
-    out_dtype = DTYPE_CODES[config.out_dtype or config.dtype] if (config.out_dtype or config.dtype) else None
+    out_dtype_name = config.out_dtype or config.dtype
+    out_dtype = DTYPE_CODES[out_dtype_name] if out_dtype_name else None
     planner = _Planner(config, method, models, base_seed, out_dtype)
 
     # Names outside the blocks, in the donor's order: embeddings first, then the rest.
@@ -204,7 +205,9 @@ def _groups(config: MergeConfig, models: Mapping[str, ModelMeta]) -> list[_Group
     return groups
 
 
-def _layer_suffixes(models: Mapping[str, ModelMeta], group: _Group, offset: int, prefix: str | None) -> list[str]:
+def _layer_suffixes(
+    models: Mapping[str, ModelMeta], group: _Group, offset: int, prefix: str | None
+) -> list[str]:
     """The tensor names (after the layer index) of one layer, which every source must have."""
     per_source: list[tuple[str, list[str]]] = []
     for src in group.sources:
@@ -216,16 +219,21 @@ def _layer_suffixes(models: Mapping[str, ModelMeta], group: _Group, offset: int,
         ]
         per_source.append((src.model, rests))
     reference_model, reference = per_source[0]
+    layer = group.sources[0].first_layer + offset
     for model, rests in per_source[1:]:
-        missing = [r for r in reference if r not in rests]
-        if missing:
-            raise IncompatibleModelsError(
-                f"Tensor '{prefix}.{group.sources[0].first_layer + offset}.{missing[0]}' of '{reference_model}' "
-                f"has no counterpart in '{model}' ({len(missing)} tensors of that layer are missing). "
-                "The models do not share an architecture.",
-                models=[reference_model, model],
-                field="tensor names",
-            )
+        for have, have_model, lack, lack_model in (
+            (reference, reference_model, rests, model),
+            (rests, model, reference, reference_model),
+        ):
+            missing = [r for r in have if r not in lack]
+            if missing:
+                raise IncompatibleModelsError(
+                    f"Tensor '{prefix}.{layer}.{missing[0]}' of '{have_model}' has no counterpart in "
+                    f"'{lack_model}' ({len(missing)} tensors of that layer are missing). "
+                    "The models do not share an architecture.",
+                    models=[have_model, lack_model],
+                    field="tensor names",
+                )
     return reference
 
 
@@ -267,7 +275,9 @@ class _Planner:
         infos = [self.models[src.model].tensors[tensor] for src, tensor in resolved]
         shapes = {info.shape for info in infos}
         if len(shapes) > 1:
-            detail = ", ".join(f"'{src.model}': {list(i.shape)}" for (src, _), i in zip(resolved, infos, strict=True))
+            detail = ", ".join(
+                f"'{src.model}': {list(i.shape)}" for (src, _), i in zip(resolved, infos, strict=True)
+            )
             hint = " The vocabularies differ in size." if "embed" in out_name or "head" in out_name else ""
             raise IncompatibleModelsError(
                 f"Tensor '{out_name}' has different shapes ({detail}).{hint}",
@@ -286,7 +296,10 @@ class _Planner:
             scopes = (Scope.INPUT,) if i == base_index else (Scope.INPUT, Scope.NON_BASE)
             input_params.append(
                 MappingProxyType(
-                    {p.name: self._resolve(p.name, group, src, tensor, t, p.scope) for p in self.method.params_in(*scopes)}
+                    {
+                        p.name: self._resolve(p.name, group, src, tensor, t, p.scope)
+                        for p in self.method.params_in(*scopes)
+                    }
                 )
             )
         self._check_values(out_name, params, input_params, base_index)
@@ -351,7 +364,11 @@ def _is_float(code: str) -> bool:
 
 
 def _output_config(
-    config: MergeConfig, models: Mapping[str, ModelMeta], donor: str, groups: Sequence[_Group], total_layers: int
+    config: MergeConfig,
+    models: Mapping[str, ModelMeta],
+    donor: str,
+    groups: Sequence[_Group],
+    total_layers: int,
 ) -> dict[str, Any]:
     """The donor's config.json, with the layer count (and per-layer lists) of the stacked model."""
     out = dict(models[donor].config)

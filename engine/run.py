@@ -91,7 +91,9 @@ class OpenModels:
         self.sources: dict[str, ModelSource] = {}
         try:
             for ref in config.referenced_models():
-                self.sources[ref] = open_model(ref, allow_pickle=options.allow_pickle, base_dir=options.base_dir)
+                self.sources[ref] = open_model(
+                    ref, allow_pickle=options.allow_pickle, base_dir=options.base_dir
+                )
         except BaseException:
             self.close()
             raise
@@ -261,7 +263,8 @@ def _write_side_files(
         tokenizer_model = config.tokenizer_source
         if tokenizer_model not in sources:
             raise RecipeError.single(
-                "tokenizer_source", f"'{tokenizer_model}' is not one of the recipe's models; use `base` or one of them"
+                "tokenizer_source",
+                f"'{tokenizer_model}' is not one of the recipe's models; use `base` or one of them",
             )
     tok_source = sources[tokenizer_model]
     available = set(tok_source.files())
@@ -298,7 +301,8 @@ def _write_chat_template(template: str, sources: Mapping[str, ModelSource], fold
         text = template
     else:
         raise RecipeError.single(
-            "chat_template", f"'{template}' is not a known template; use auto, chatml, or a Jinja template text"
+            "chat_template",
+            f"'{template}' is not a known template; use auto, chatml, or a Jinja template text",
         )
     with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
         f.write(text)

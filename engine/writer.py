@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -46,7 +46,9 @@ class _Slot:
 class ShardedWriter:
     """Writes planned tensors into ``model-XXXXX-of-YYYYY.safetensors`` files plus the index."""
 
-    def __init__(self, folder: str, tensors: Sequence[OutputTensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(
+        self, folder: str, tensors: Sequence[OutputTensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    ):
         self.folder = folder
         self._tensors = {t.name: t for t in tensors}
         shards: list[list[OutputTensor]] = [[]]
@@ -81,7 +83,8 @@ class ShardedWriter:
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():
             handle.seek(slot.offset)
-            handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            raw: Any = data.reshape(-1).view(torch.uint8).numpy()  # written in place, no copy
+            handle.write(raw)
         self._remaining[slot.shard] -= 1
         if self._remaining[slot.shard] == 0:
             handle.close()
@@ -123,7 +126,11 @@ def _layout(members: Sequence[OutputTensor]) -> tuple[bytes, dict[str, int]]:
     relative: dict[str, int] = {}
     position = 0
     for t in ordered:
-        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [position, position + t.nbytes]}
+        entries[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [position, position + t.nbytes],
+        }
         relative[t.name] = position
         position += t.nbytes
     raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")

@@ -15,7 +15,9 @@ import torch
 DEMO_MODELS = ("base", "math-tune", "code-tune", "chat-tune")
 
 
-def build_demo_models(folder: str, *, hidden: int = 64, layers: int = 4, vocab: int = 256, seed: int = 0) -> dict[str, str]:
+def build_demo_models(
+    folder: str, *, hidden: int = 64, layers: int = 4, vocab: int = 256, seed: int = 0
+) -> dict[str, str]:
     """Write the demo family under ``folder`` (once; reused if present) and return name -> path."""
     from safetensors.torch import save_file
 
@@ -67,8 +69,11 @@ def build_demo_models(folder: str, *, hidden: int = 64, layers: int = 4, vocab: 
         if index:
             weights = {k: v + 0.004 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
         os.makedirs(paths[name], exist_ok=True)
-        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()},
-                  os.path.join(paths[name], "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v.to(torch.bfloat16).contiguous() for k, v in weights.items()},
+            os.path.join(paths[name], "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         with open(os.path.join(paths[name], "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
         with open(os.path.join(paths[name], "generation_config.json"), "w", encoding="utf-8") as f:

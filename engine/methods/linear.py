@@ -9,14 +9,14 @@ from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
 
 def linear(call: MergeCall) -> torch.Tensor:
     weights = [float(p["weight"]) for p in call.input_params]
-    out = torch.zeros_like(call.tensors[0])
-    for tensor, weight in zip(call.tensors, weights, strict=True):
-        out.add_(tensor, alpha=weight)
     if call.params["normalize"]:
         total = sum(weights)
         if abs(total) < 1e-12:
             raise ValueError("the weights sum to 0, so they cannot be normalized; set normalize: false")
-        out.div_(total)
+        weights = [w / total for w in weights]  # normalized first: one model at any weight is itself
+    out = call.tensors[0] * weights[0]
+    for tensor, weight in zip(call.tensors[1:], weights[1:], strict=True):
+        out.add_(tensor, alpha=weight)
     return out
 
 

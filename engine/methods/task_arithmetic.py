@@ -35,7 +35,9 @@ def _elect_sign(weighted: torch.Tensor, method: Literal["sum", "count"]) -> torc
     return torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
 
 
-def generalized_task_arithmetic(call: MergeCall, sparsifier: Sparsifier, consensus: Consensus) -> torch.Tensor:
+def generalized_task_arithmetic(
+    call: MergeCall, sparsifier: Sparsifier, consensus: Consensus
+) -> torch.Tensor:
     base = call.base
     others = call.others()
     if not others:
@@ -46,7 +48,7 @@ def generalized_task_arithmetic(call: MergeCall, sparsifier: Sparsifier, consens
     weighted = torch.empty((len(others), *base.shape), dtype=base.dtype, device=base.device)
     for row, (i, weight) in enumerate(zip(others, weights, strict=True)):
         delta = call.tensors[i] - base
-        density = float(call.input_params[i]["density"])
+        density = float(call.input_params[i].get("density", 1.0))
         if sparsifier == "magnitude":
             delta = magnitude(delta, density, rescale)
         elif sparsifier == "random":
@@ -84,7 +86,9 @@ def _spec(
 ) -> MethodSpec:
     params = [
         ParamSpec("weight", "float", Scope.NON_BASE, None, "scale of this model's task vector"),
-        ParamSpec("normalize", "bool", Scope.SHARED, normalize, "divide by the sum of the (agreeing) weights"),
+        ParamSpec(
+            "normalize", "bool", Scope.SHARED, normalize, "divide by the sum of the (agreeing) weights"
+        ),
         ParamSpec("lambda", "float", Scope.SHARED, 1.0, "scale of the merged task vector"),
         ParamSpec(
             "int8_mask", "bool", Scope.SHARED, False, "accepted for mergekit recipes; no effect on the result"

@@ -74,7 +74,9 @@ class LocalModel:
         # weights_only refuses arbitrary objects: even an allowed pickle cannot run code.
         self._pickled = {}
         for name in files:
-            state = torch.load(os.path.join(self.path, name), map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(
+                os.path.join(self.path, name), map_location="cpu", weights_only=True, mmap=True
+            )
             if not isinstance(state, dict):
                 raise SafetensorsFormatError(name, "the pickle does not hold a state dict")
             self._pickled.update({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})

@@ -10,6 +10,7 @@ resident memory of a merge does not grow with the size of the model.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import mmap
@@ -105,7 +106,7 @@ def parse_header(raw: bytes, file_size: int, path: str) -> SafetensorsHeader:
 
     # Overlapping tensors would alias each other's bytes: a hostile trick, never a real file.
     ordered = sorted(entries.values(), key=lambda e: (e.start, e.end))
-    for previous, current in zip(ordered, ordered[1:], strict=False):
+    for previous, current in itertools.pairwise(ordered):
         if current.start < previous.end and current.nbytes and previous.nbytes:
             raise SafetensorsFormatError(
                 path, f"its bytes overlap those of tensor '{previous.name}'", tensor=current.name
@@ -117,7 +118,7 @@ def _parse_entry(name: str, info: Any, data_start: int, data_size: int, path: st
     if not isinstance(info, dict):
         raise SafetensorsFormatError(path, "entry is not a JSON object", tensor=name)
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         known = ", ".join(DTYPES)
         raise SafetensorsFormatError(path, f"unknown dtype {dtype!r} (known: {known})", tensor=name)
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):

@@ -1,0 +1,63 @@
+"""Peak memory is bounded by a few tensors, not by the model (engine/run.py states the bound)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROWS, COLS, LAYERS = 1024, 2048, 32  # 32 tensors of 2M bf16 elements = 128 MiB per model
+
+
+def write_model(folder: Path, seed: int) -> None:
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        f"model.layers.{i}.mlp.up_proj.weight": torch.randn(ROWS, COLS, generator=g).to(torch.bfloat16)
+        for i in range(LAYERS)
+    }
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": LAYERS})
+    )
+
+
+@pytest.mark.slow
+def test_peak_rss_of_a_ties_merge_is_bounded_by_a_few_tensors(tmp_path: Path) -> None:
+    models = [tmp_path / name for name in ("base", "a", "b")]
+    for seed, folder in enumerate(models):
+        write_model(folder, seed)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        f"merge_method: ties\nbase_model: {models[0]}\nmodels:\n"
+        f"  - model: {models[1]}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+        f"  - model: {models[2]}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+    )
+    script = textwrap.dedent(
+        f"""
+        import resource, sys
+        import torch
+        from engine import load_recipe, run_merge
+        torch.zeros(1) + 1  # warm up the allocator before taking the baseline
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        run_merge(load_recipe({str(recipe)!r}), {str(tmp_path / "out")!r})
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(before * 1024, after * 1024)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    before, after = map(int, done.stdout.split())
+    model_bytes = sum((m / "model.safetensors").stat().st_size for m in models)
+    tensor_f32 = ROWS * COLS * 4
+    n_inputs = 3
+    bound = (2 * n_inputs + 3) * tensor_f32  # the bound documented in engine/run.py
+    growth = after - before
+    assert model_bytes > 3 * bound  # the inputs are far larger than the bound
+    assert growth < bound, f"peak grew by {growth / 2**20:.0f} MiB; bound {bound / 2**20:.0f} MiB"
