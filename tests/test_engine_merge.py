@@ -187,7 +187,7 @@ def test_pickle_only_models_are_refused_unless_allowed(llama_family: Family, tmp
         f"merge_method: linear\nmodels:\n  - model: {llama_family.base}\n    parameters: {{weight: 1}}\n"
         f"  - model: {pickled}\n    parameters: {{weight: 1}}\n"
     )
-    with pytest.raises(UnsafeWeightsError, match="pytorch_model.bin.*--allow-pickle"):
+    with pytest.raises(UnsafeWeightsError, match=r"pytorch_model.bin.*--allow-pickle"):
         run_merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     run_merge(recipe, tmp_path / "out", options=MergeOptions(allow_pickle=True))
@@ -199,7 +199,7 @@ def test_missing_model_is_named(llama_family: Family, tmp_path: Path) -> None:
         f"merge_method: linear\nmodels:\n  - model: {llama_family.base}\n    parameters: {{weight: 1}}\n"
         f"  - model: {tmp_path}/nope\n    parameters: {{weight: 1}}\n"
     )
-    with pytest.raises(ModelNotFoundError, match="nope.*no model folder"):
+    with pytest.raises(ModelNotFoundError, match=r"nope.*no model folder"):
         run_merge(recipe, tmp_path / "out")
 
 

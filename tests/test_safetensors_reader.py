@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from pathlib import Path
@@ -138,5 +139,5 @@ def test_fuzz_structured_headers(entries: dict[str, dict[str, object]], size: in
     except SafetensorsFormatError:
         return
     spans = sorted((e.start, e.end) for e in header.entries.values() if e.nbytes)
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert end <= start  # accepted files never alias bytes
