@@ -308,3 +308,22 @@ def test_cli_check_refuses_a_mismatch_naming_the_field(
     assert "architecture differs" in check.stderr and "MistralForCausalLM" in check.stderr
     merge = _cli("merge", str(recipe), str(tmp_path / "out"), cwd=tmp_path)
     assert merge.returncode == 1 and "not compatible" in merge.stderr and "Traceback" not in merge.stderr
+
+
+def test_cli_refuses_a_hostile_shard_in_one_line(llama_family: Family, tmp_path: Path) -> None:
+    hostile = tmp_path / "hostile"
+    shutil.copytree(llama_family.finetunes[0], hostile)
+    shard = next(hostile.glob("*.safetensors"))
+    raw = bytearray(shard.read_bytes())
+    raw[0:8] = (len(raw) * 2).to_bytes(8, "little")  # header length beyond the end of the file
+    shard.write_bytes(bytes(raw))
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {llama_family.base}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {hostile}\n    parameters: {{weight: 1}}\n"
+    )
+    done = _cli("merge", str(recipe), str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Invalid safetensors file") and shard.name in lines[0]
+    assert not (tmp_path / "out").exists()
