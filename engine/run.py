@@ -1,11 +1,13 @@
 """Stream a plan through the methods into the writer.
 
-Memory bound: at any time the engine holds the inputs of one output tensor in the compute
-dtype (n_inputs x size x 4 bytes), the method's working set (at most n_inputs + 2 more of
-the same size for the task-vector methods) and the output; input pages are dropped
+Memory bound: at any time the engine holds the inputs of two output tensors in the compute
+dtype (the one being merged and the next, read ahead by a reader thread: 2 x n_inputs
+tensors), the method's working set (for the task-vector methods n_inputs - 1 weighted
+deltas and up to 5 temporaries of the same size) and the output. Input pages are dropped
 from the process after each read and output bytes go straight to their file. So peak
-resident memory is about ``(2 * n_inputs + 3) * largest_tensor_elements * 4`` bytes plus
-the interpreter, and does not grow with the number of tensors in the model.
+resident memory is at most about ``(3 * n_inputs + 6) * largest_tensor_elements * 4``
+bytes above the interpreter's, whatever the number of tensors in the model (the CLI also
+makes glibc return freed tensor memory at once; see ``engine.cli``).
 
 The output is built in a hidden temporary folder beside the destination and renamed into
 place only when complete, so a failed merge leaves no partial output behind.
@@ -20,12 +22,14 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.config import MergeConfig
 from engine.errors import MergeError, OutputError, RecipeError
+from engine.methods.base import MergeCall
 from engine.plan import MergePlan, ModelMeta, TensorTask, build_plan
 from engine.sources import ModelSource, open_model
 from engine.sources.safetensors_file import DTYPES
@@ -173,27 +177,33 @@ def _execute(
     device: torch.device,
     progress: Progress | None,
 ) -> None:
-    total = len(plan.tasks)
-    for done, task in enumerate(plan.tasks):
-        result = merge_tensor(plan, task, sources, device)
-        writer.write(task.name, result)
-        del result
-        if progress:
-            progress(done + 1, total, task.name)
+    """Compute tensors in plan order while a reader thread fetches the next tensor's inputs."""
+    tasks = plan.tasks
+    total = len(tasks)
+    if not total:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebot-read") as reader:
+        pending = reader.submit(read_inputs, tasks[0], sources, device)
+        for done, task in enumerate(tasks):
+            inputs = pending.result()
+            if done + 1 < total:
+                pending = reader.submit(read_inputs, tasks[done + 1], sources, device)
+            result = combine(plan, task, inputs)
+            del inputs
+            writer.write(task.name, result)
+            del result
+            if progress:
+                progress(done + 1, total, task.name)
 
 
-def merge_tensor(
-    plan: MergePlan, task: TensorTask, sources: Mapping[str, ModelSource], device: torch.device
-) -> torch.Tensor:
-    """Read one output tensor's inputs, merge them, and return the result in the output dtype."""
-    from engine.methods.base import MergeCall
-
-    out_dtype = DTYPES[task.dtype][0]
-    if not out_dtype.is_floating_point:
+def read_inputs(
+    task: TensorTask, sources: Mapping[str, ModelSource], device: torch.device
+) -> list[torch.Tensor]:
+    """One output tensor's inputs, rounded to the recipe's ``dtype`` and held in the compute dtype."""
+    if not DTYPES[task.dtype][0].is_floating_point:
         # integer buffers (position ids, masks) are not averaged: the donor's copy is kept
-        index = task.base_index if task.base_index is not None else 0
-        src = task.inputs[index]
-        return sources[src.model].read(src.tensor).to(out_dtype)
+        src = task.inputs[task.base_index if task.base_index is not None else 0]
+        return [sources[src.model].read(src.tensor)]
     compute = torch.float64 if task.read_dtype == "F64" else torch.float32
     round_to = DTYPES[task.read_dtype][0] if task.read_dtype else None
     tensors = []
@@ -202,6 +212,14 @@ def merge_tensor(
         if round_to is not None and round_to != compute:
             t = t.to(compute)
         tensors.append(t.to(device, non_blocking=True))
+    return tensors
+
+
+def combine(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Merge one tensor's inputs with the plan's method; the result is in the output dtype."""
+    out_dtype = DTYPES[task.dtype][0]
+    if not out_dtype.is_floating_point:
+        return tensors[0].to(out_dtype)
     call = MergeCall(
         tensors=tensors,
         base_index=task.base_index,
@@ -215,6 +233,13 @@ def merge_tensor(
     except ValueError as exc:
         raise RecipeError.single("parameters", f"{exc} (tensor '{task.name}')") from None
     return merged.to(out_dtype)
+
+
+def merge_tensor(
+    plan: MergePlan, task: TensorTask, sources: Mapping[str, ModelSource], device: torch.device
+) -> torch.Tensor:
+    """Read one output tensor's inputs and merge them (no overlap; for tests and tools)."""
+    return combine(plan, task, read_inputs(task, sources, device))
 
 
 def _check_destination(out: str, overwrite: bool) -> None:

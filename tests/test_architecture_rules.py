@@ -74,6 +74,8 @@ def test_engine_public_api_is_deliberate() -> None:
 
 def test_the_merge_path_does_not_import_transformers() -> None:
     # transformers takes seconds to import; `mergebot merge` must not pay for it
-    code = "import sys, engine.cli, engine.run; print('transformers' in sys.modules, 'mergekit' in sys.modules)"
+    code = (
+        "import sys, engine.cli, engine.run; print('transformers' in sys.modules, 'mergekit' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

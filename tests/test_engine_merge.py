@@ -150,7 +150,7 @@ def test_injected_failure_leaves_nothing(
     import engine.run as run_module
 
     calls = {"n": 0}
-    real = run_module.merge_tensor
+    real = run_module.combine
 
     def failing(*args: object, **kwargs: object) -> torch.Tensor:
         calls["n"] += 1
@@ -158,7 +158,7 @@ def test_injected_failure_leaves_nothing(
             raise OSError("disk on fire")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(run_module, "merge_tensor", failing)
+    monkeypatch.setattr(run_module, "combine", failing)
     with pytest.raises(OSError, match="disk on fire"):
         run_merge(load_recipe(dare_recipe(llama_family)), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -325,5 +325,7 @@ def test_cli_refuses_a_hostile_shard_in_one_line(llama_family: Family, tmp_path:
     done = _cli("merge", str(recipe), str(tmp_path / "out"), cwd=tmp_path)
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: Invalid safetensors file") and shard.name in lines[0]
+    assert (
+        len(lines) == 1 and lines[0].startswith("error: Invalid safetensors file") and shard.name in lines[0]
+    )
     assert not (tmp_path / "out").exists()

@@ -26,8 +26,8 @@ def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     keep = flat > threshold
     missing = k - int(keep.sum())
     if missing > 0:
-        at_threshold = flat == threshold
-        keep |= at_threshold & (torch.cumsum(at_threshold, 0) <= missing)
+        first_ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
+        keep[first_ties] = True
     return keep.reshape(magnitude.shape)
 
 

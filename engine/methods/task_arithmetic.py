@@ -30,7 +30,7 @@ Consensus = Literal["sum", "count"] | None
 
 
 def _elect_sign(weighted: torch.Tensor, method: Literal["sum", "count"]) -> torch.Tensor:
-    """+1 or -1 per element: the sign of the total weighted delta (or of the vote count)."""
+    """The elected sign per element (+1 where the total weighted delta, or the vote count, is >= 0)."""
     votes = weighted.sum(dim=0) if method == "sum" else weighted.sign().sum(dim=0)
     return torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
 
@@ -56,17 +56,19 @@ def generalized_task_arithmetic(
         weighted[row] = delta.mul_(weight)  # [n_models, *shape]
         del delta
 
-    w = torch.tensor(weights, dtype=base.dtype, device=base.device).reshape(-1, *([1] * base.dim()))
     if consensus is not None:
-        agree = weighted.sign() == _elect_sign(weighted, consensus)  # [n_models, *shape]
-        merged = (weighted * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
+        positive = _elect_sign(weighted, consensus) > 0  # [*shape]
+        merged = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for row, weight in zip(weighted, weights, strict=True):  # one model at a time: small working set
+            agree = torch.where(positive, row > 0, row < 0)
+            merged.add_(row * agree)
+            divisor.add_(agree, alpha=weight)
         divisor[divisor == 0] = 1.0
     else:
         merged = weighted.sum(dim=0)
         total = float(sum(weights))
         divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, dtype=base.dtype)
-    del weighted
     if call.params["normalize"]:
         merged /= divisor
     scale = float(call.params["lambda"])

@@ -17,7 +17,7 @@ def open_model(reference: str, *, allow_pickle: bool = False, base_dir: str | No
     Args:
         reference: a path to a local model folder (relative paths resolve against ``base_dir``).
         allow_pickle: accept ``.bin`` weights when no safetensors exist.
-        base_dir: folder relative references are resolved from (the recipe's folder, or the cwd).
+        base_dir: a second folder relative references are tried in (the recipe's folder).
 
     Raises:
         ModelNotFoundError: nothing readable is at that reference.
@@ -27,7 +27,10 @@ def open_model(reference: str, *, allow_pickle: bool = False, base_dir: str | No
             reference, "LoRA references ('base+adapter') are not supported by this version of the engine"
         )
     path = reference.split("@", 1)[0] if "@" in reference and not os.path.exists(reference) else reference
-    candidates = [path] if os.path.isabs(path) else [os.path.join(base_dir or os.getcwd(), path), path]
+    # Relative paths resolve against the working directory first, as in mergekit, then the recipe's folder.
+    candidates = [path] if os.path.isabs(path) else [os.path.abspath(path)]
+    if base_dir and not os.path.isabs(path):
+        candidates.append(os.path.join(base_dir, path))
     for candidate in candidates:
         if os.path.isdir(candidate):
             return LocalModel(reference, candidate, allow_pickle=allow_pickle)
