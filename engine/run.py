@@ -69,6 +69,8 @@ class MergeOptions:
     copy_tokenizer: bool = True
     overwrite: bool = False
     base_dir: str | None = None  # where relative model paths in the recipe are looked up too
+    hub_endpoint: str | None = None  # None: huggingface_hub's default (HF_ENDPOINT or huggingface.co)
+    hub_token: str | None = field(default=None, repr=False)  # never shown in reprs or logs
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,11 @@ class OpenModels:
         try:
             for ref in config.referenced_models():
                 self.sources[ref] = open_model(
-                    ref, allow_pickle=options.allow_pickle, base_dir=options.base_dir
+                    ref,
+                    allow_pickle=options.allow_pickle,
+                    base_dir=options.base_dir,
+                    hub_endpoint=options.hub_endpoint,
+                    hub_token=options.hub_token,
                 )
         except BaseException:
             self.close()

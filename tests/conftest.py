@@ -6,9 +6,19 @@ the same folders, and a merge's output is a pure function of them, so sharing is
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+# huggingface_hub reads these at import: set them before anything imports it. Xet storage cannot
+# be served by localhub, and no test may touch a real Hub cache or token.
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mergebot-tests-hf-home-")
+os.environ.pop("HF_TOKEN", None)
 
 import pytest
 

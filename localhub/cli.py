@@ -1,0 +1,87 @@
+"""`localhub` / `mergebot hub`: serve a data folder, and add users and webhooks to it (also while it runs)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from localhub.config import HubConfig
+from localhub.errors import LocalHubError
+from localhub.webhooks import DOMAINS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="localhub", description="A Hugging Face Hub-compatible server for tests and offline use."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a data folder over HTTP")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument(
+        "--data", type=Path, required=True, help="folder holding the hub's state (created if missing)"
+    )
+    serve.add_argument("--max-upload-bytes", type=int, default=None, help="refuse files larger than this")
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+
+    user = sub.add_parser("add-user", help="add a user (or a token to an existing user)")
+    user.add_argument("--data", type=Path, required=True)
+    user.add_argument("name")
+    user.add_argument("--token", required=True, help="the Bearer token the user will send")
+    user.add_argument("--org", action="append", default=[], help="make the user a member of ORG (repeatable)")
+    user.add_argument("--read-only", action="store_true", help="the token may read but not write")
+
+    hook = sub.add_parser(
+        "add-webhook", help="POST the Hub's webhook payloads to URL on changes to watched repos"
+    )
+    hook.add_argument("--data", type=Path, required=True)
+    hook.add_argument("--url", required=True)
+    hook.add_argument("--secret", default=None, help="sent as the X-Webhook-Secret header")
+    hook.add_argument(
+        "--watch",
+        action="append",
+        required=True,
+        help="model:NS/NAME, dataset:NS/NAME, space:NS/NAME, user:NAME or org:NAME (repeatable)",
+    )
+    hook.add_argument(
+        "--domain", action="append", choices=list(DOMAINS), help="repo and/or discussion (default: both)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run one `localhub` command; return the exit status."""
+    args = _parser().parse_args(list(argv))
+    from localhub.hub import LocalHub
+
+    try:
+        if args.command == "serve":
+            from localhub.server import LocalHubServer
+
+            settings = {"max_upload_bytes": args.max_upload_bytes} if args.max_upload_bytes else {}
+            server = LocalHubServer(
+                HubConfig(data_dir=args.data, **settings),
+                host=args.host,
+                port=args.port,
+                log_level=args.log_level,
+            )
+            print(f"localhub: serving {args.data} on http://{args.host}:{args.port}", flush=True)
+            server.serve_forever()
+            return 0
+        hub = LocalHub(HubConfig(data_dir=args.data))
+        if args.command == "add-user":
+            hub.add_user(args.name, args.token, orgs=args.org, role="read" if args.read_only else "write")
+            orgs = f" (member of {', '.join(args.org)})" if args.org else ""
+            print(f"localhub: user {args.name}{orgs} can now use its token")
+            return 0
+        webhook = hub.add_webhook(args.url, args.watch, secret=args.secret, domains=args.domain or DOMAINS)
+        print(f"localhub: webhook {webhook.id} -> {webhook.url}")
+        return 0
+    except LocalHubError as exc:
+        print(f"localhub: {exc.message}", file=sys.stderr)
+        return 2
