@@ -135,8 +135,15 @@ def run_merge(
     *,
     options: MergeOptions | None = None,
     progress: Progress | None = None,
+    on_shard: Callable[[str], None] | None = None,
 ) -> MergeResult:
     """Merge the recipe's models into ``out_path`` (created; must not hold another model).
+
+    Args:
+        progress: called with (done, total, tensor name) after each output tensor.
+        on_shard: called with the path of each shard as soon as it is complete, before the
+            merge ends (the bot uploads shards as they come). It may remove the file once it
+            has used it, to keep the disk use of a large merge to about one shard.
 
     Raises:
         MergeError: a subclass naming what the user has to fix; nothing is left at ``out_path``.
@@ -155,7 +162,10 @@ def run_merge(
         with OpenModels(config, options) as opened:
             plan = build_plan(config, opened.metadata(), seed=options.seed)
             writer = ShardedWriter(
-                staging, [OutputTensor(t.name, t.dtype, t.shape) for t in plan.tasks], options.out_shard_size
+                staging,
+                [OutputTensor(t.name, t.dtype, t.shape) for t in plan.tasks],
+                options.out_shard_size,
+                on_shard=on_shard,
             )
             try:
                 _execute(plan, opened.sources, writer, device, progress)

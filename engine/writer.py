@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -47,9 +47,15 @@ class ShardedWriter:
     """Writes planned tensors into ``model-XXXXX-of-YYYYY.safetensors`` files plus the index."""
 
     def __init__(
-        self, folder: str, tensors: Sequence[OutputTensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES
+        self,
+        folder: str,
+        tensors: Sequence[OutputTensor],
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        on_shard: Callable[[str], None] | None = None,
     ):
+        """``on_shard(path)`` is called as each shard file is complete (e.g. to upload it early)."""
         self.folder = folder
+        self._on_shard = on_shard
         self._tensors = {t.name: t for t in tensors}
         shards: list[list[OutputTensor]] = [[]]
         size = 0
@@ -89,6 +95,8 @@ class ShardedWriter:
         if self._remaining[slot.shard] == 0:
             handle.close()
             del self._handles[slot.shard]
+            if self._on_shard is not None:
+                self._on_shard(os.path.join(self.folder, self.shard_names[slot.shard]))
 
     def _handle(self, shard: int) -> BinaryIO:
         if shard not in self._handles:

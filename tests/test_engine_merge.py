@@ -329,3 +329,24 @@ def test_cli_refuses_a_hostile_shard_in_one_line(llama_family: Family, tmp_path:
         len(lines) == 1 and lines[0].startswith("error: Invalid safetensors file") and shard.name in lines[0]
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_on_shard_sees_each_finished_shard_once(llama_family: Family, tmp_path: Path) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def on_shard(path: str) -> None:
+        data = Path(path).read_bytes()
+        header_len = int.from_bytes(data[:8], "little")
+        json.loads(data[8 : 8 + header_len])  # complete: the header and all bytes are there
+        seen.append((Path(path).name, len(data)))
+
+    result = run_merge(
+        load_recipe(dare_recipe(llama_family, seed=1)),
+        tmp_path / "out",
+        options=MergeOptions(out_shard_size=50_000),
+        on_shard=on_shard,
+    )
+    assert sorted(name for name, _ in seen) == sorted(result.shards)
+    assert {name: size for name, size in seen} == {
+        p.name: p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors")
+    }
