@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("engine.cli", "merge models from a mergekit YAML recipe into a folder"),
     "check": ("engine.cli", "audit a recipe's models for compatibility, reading no weights"),
     "demo": ("mergebot.demo", "build small demo models and merge them, offline"),
+    "bot": ("bot.cli", "run the merge bot: webhook listener, job queue and worker"),
     "hub": ("localhub.cli", "run and administer localhub, a Hub-compatible server for offline use"),
 }
 
