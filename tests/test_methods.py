@@ -52,7 +52,7 @@ def T(values: list[float]) -> torch.Tensor:
 
 
 def test_registry_names_match_mergekit() -> None:
-    assert set(METHODS) == {
+    assert set(METHODS) == {  # every method mergekit 0.1.5 registers
         "linear",
         "slerp",
         "task_arithmetic",
@@ -60,11 +60,24 @@ def test_registry_names_match_mergekit() -> None:
         "dare_ties",
         "dare_linear",
         "passthrough",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "nuslerp",
+        "multislerp",
+        "karcher",
+        "model_stock",
+        "sce",
+        "nearswap",
+        "arcee_fusion",
+        "ram",
+        "ramplus_tl",
     }
 
 
 def test_unknown_method_suggests_the_closest() -> None:
-    with pytest.raises(RecipeError, match=r"Did you mean 'slerp'\?.*Known methods: dare_linear"):
+    with pytest.raises(RecipeError, match=r"Did you mean 'slerp'\?.*Known methods: arcee_fusion"):
         get_method("slurp")
 
 

@@ -5,13 +5,40 @@ from __future__ import annotations
 import difflib
 
 from engine.errors import RecipeError
-from engine.methods import linear, passthrough, slerp, task_arithmetic
+from engine.methods import (
+    arcee_fusion,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    ram,
+    sce,
+    slerp,
+    task_arithmetic,
+)
 from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
 
 __all__ = ["METHODS", "MergeCall", "MethodSpec", "ParamSpec", "Scope", "all_param_names", "get_method"]
 
 METHODS: dict[str, MethodSpec] = {
-    spec.name: spec for spec in (linear.SPEC, slerp.SPEC, *task_arithmetic.SPECS, passthrough.SPEC)
+    spec.name: spec
+    for spec in (
+        linear.SPEC,
+        slerp.SPEC,
+        *task_arithmetic.SPECS,
+        passthrough.SPEC,
+        nuslerp.SPEC,
+        multislerp.SPEC,
+        karcher.SPEC,
+        model_stock.SPEC,
+        sce.SPEC,
+        nearswap.SPEC,
+        arcee_fusion.SPEC,
+        *ram.SPECS,
+    )
 }
 
 

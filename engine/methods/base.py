@@ -123,6 +123,8 @@ class MethodSpec:
     needs_base: bool = False
     min_inputs: int = 1
     max_inputs: int | None = None
+    min_non_base: int = 0  # inputs other than the base model, when there is one
+    max_non_base: int | None = None
     randomized: bool = False
     aliases: tuple[str, ...] = field(default=())
 

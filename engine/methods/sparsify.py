@@ -1,8 +1,24 @@
-"""Ways to drop most of a task vector before merging: by magnitude (TIES) or at random (DARE).
+"""Ways to drop most of a task vector before merging.
 
-Both keep the survivors' values; ``rescale_l1`` then scales the survivors so the task
-vector keeps its L1 norm, which is mergekit's convention for DARE (not the paper's
-1/density; the two agree in expectation).
+- by magnitude (TIES): keep the largest entries;
+- by magnitude without outliers (Model Breadcrumbs): drop the very largest, then the smallest;
+- at random (DARE): keep each entry with probability ``density``;
+- at random, by magnitude rank (DELLA's MagPrune): larger entries are likelier to stay.
+
+All keep the survivors' values; ``rescale_l1`` then scales the survivors so the task
+vector keeps its L1 norm, which is mergekit's convention for DARE and DELLA (not the
+papers' 1/density or 1/p_i; they agree in expectation for DARE).
+
+Differences from mergekit 0.1.5, on purpose:
+- ties in magnitude are broken by position (mergekit's unstable sort picks any of them),
+  so results are deterministic;
+- Breadcrumbs keeps at least one entry of a non-empty tensor, like the magnitude trim
+  (mergekit keeps ``int(density * n)``, which is none for a small tensor at low density);
+- MagPrune gives a row of one entry the probability ``density`` (mergekit divides by
+  ``max rank - min rank = 0`` there and fails on the NaN), and its random draws come from
+  a generator seeded per tensor and model, not the global RNG;
+- the ``density ± epsilon`` check uses ``|epsilon|``, so a negative epsilon (which favours
+  small entries) cannot ask for a probability above 1.
 """
 
 from __future__ import annotations
@@ -60,4 +76,67 @@ def bernoulli(delta: torch.Tensor, density: float, rescale: bool, seed: int) -> 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
     kept = delta * (draws < density).to(delta.device)
+    return rescale_l1(delta, kept) if rescale else kept
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
+    """Model Breadcrumbs: drop the largest ``gamma`` share by magnitude, then the smallest.
+
+    Of ``n`` entries, ``keep = max(1, int(density * n))`` survive: those ranked just below
+    the ``int(gamma * n)`` largest. When ``keep`` and the outliers together exceed ``n``,
+    fewer outliers are dropped so that ``keep`` entries survive (mergekit's rule).
+    """
+    if density >= 1 or delta.numel() == 0:
+        return delta
+    n = delta.numel()
+    keep = max(1, int(density * n))
+    top = max(0, int(gamma * n))
+    bottom = max(0, n - keep - top)  # entries dropped as too small
+    magnitudes = delta.abs()
+    # the `n - bottom` largest, less the `n - bottom - keep` largest: exactly `keep` entries
+    mask = topk_mask(magnitudes, n - bottom) & ~topk_mask(magnitudes, n - bottom - keep)
+    kept = delta * mask
+    return rescale_l1(delta, kept) if rescale else kept
+
+
+def check_della(density: float, epsilon: float) -> None:
+    """Raise ValueError unless every keep probability ``density ± epsilon`` lies in (0, 1)."""
+    if density < 1 and (density - abs(epsilon) <= 0 or density + abs(epsilon) >= 1):
+        raise ValueError(
+            f"della needs density ± epsilon inside (0, 1), got density {density:g} and epsilon "
+            f"{epsilon:g}; lower epsilon or move density away from 0 and 1"
+        )
+
+
+def della_magprune(
+    delta: torch.Tensor, density: float, epsilon: float, rescale: bool, seed: int
+) -> torch.Tensor:
+    """DELLA's MagPrune: keep each entry with a probability that grows with its magnitude rank.
+
+    Within each row (the whole tensor if 1-D; along dim 1 otherwise, as mergekit does) the
+    entries are ranked by magnitude; rank ``r`` of ``m`` (0 = smallest) is kept with
+    probability ``density - epsilon + 2 * epsilon * r / (m - 1)``, so the mean stays
+    ``density``. A row of one entry takes ``density``. The draws come from a CPU generator
+    seeded per tensor and model, like :func:`bernoulli`; at ``epsilon = 0`` the two give the
+    same mask for the same seed.
+    """
+    if density >= 1 or delta.numel() == 0:
+        return delta
+    check_della(density, epsilon)
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    m = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)  # ties ranked by position
+    ranks = torch.empty_like(order)
+    positions = torch.arange(m, device=rows.device).view(1, m, *([1] * (rows.dim() - 2)))
+    ranks.scatter_(1, order, positions.expand_as(order))
+    del order
+    if m > 1:
+        relative = ranks.to(delta.dtype).div_(m - 1)  # in [0, 1]
+    else:
+        relative = torch.full(rows.shape, 0.5, dtype=delta.dtype, device=rows.device)
+    del ranks
+    probs = relative.mul_(2 * epsilon).add_(density - epsilon).reshape(delta.shape)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
+    kept = delta * (draws.to(delta.device) < probs)
     return rescale_l1(delta, kept) if rescale else kept

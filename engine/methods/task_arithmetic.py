@@ -1,17 +1,21 @@
-"""The task-vector family: task arithmetic, TIES, DARE (linear and TIES) as one generalized merge.
+"""The task-vector family as one generalized merge: task arithmetic, TIES, DARE, Breadcrumbs, DELLA.
 
 For each model, its task vector is ``delta_i = model_i - base``. Optionally each delta is
-sparsified (TIES: by magnitude; DARE: at random), then weighted. With a consensus step
-(TIES, DARE-TIES) a sign is elected per element from the sum of the *weighted* deltas,
-and only deltas that agree with it are kept. The merged delta is their sum, divided,
-when ``normalize`` is on, by the sum of the weights that took part (per element under
-consensus), scaled by ``lambda`` and added to the base.
+sparsified (TIES: by magnitude; DARE: at random; Breadcrumbs: by magnitude without the
+largest outliers, ``gamma``; DELLA: at random with probabilities by magnitude rank,
+``density ± epsilon``; see :mod:`engine.methods.sparsify`), then weighted. With a
+consensus step (TIES, DARE-TIES, Breadcrumbs-TIES, DELLA) a sign is elected per element
+from the sum of the *weighted* deltas, and only deltas that agree with it are kept. The
+merged delta is their sum, divided, when ``normalize`` is on, by the sum of the weights
+that took part (per element under consensus), scaled by ``lambda`` and added to the base.
 
 Compatibility notes (mergekit behaviour that recipes rely on, matched on purpose):
 - ``ties`` normalizes by default and ``dare_ties`` does not, so DARE-TIES weights are
   absolute scales while TIES weights are relative.
 - the sign vote uses the weighted deltas, so a negative weight votes against its model.
 - elements where a delta is exactly zero take no part in the divisor.
+- mergekit 0.1.5 does not expose its consensus rule (``sum`` or ``count``) as a recipe
+  parameter: every method with a consensus step uses ``sum``, and so do we.
 Difference: deltas are computed in float32 (mergekit uses the input dtype, often bf16),
 which is closer to the exact result.
 """
@@ -23,9 +27,9 @@ from typing import Literal
 import torch
 
 from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
-from engine.methods.sparsify import bernoulli, magnitude
+from engine.methods.sparsify import bernoulli, check_della, della_magprune, magnitude, magnitude_outliers
 
-Sparsifier = Literal["magnitude", "random"] | None
+Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
 Consensus = Literal["sum", "count"] | None
 
 
@@ -44,6 +48,9 @@ def generalized_task_arithmetic(
         return base
     weights = [float(call.input_params[i]["weight"]) for i in others]
     rescale = bool(call.params["rescale"])
+    if sparsifier == "della_magprune":  # refuse before any work, whatever the tensor
+        for i in others:
+            check_della(float(call.input_params[i]["density"]), float(call.input_params[i]["epsilon"]))
 
     weighted = torch.empty((len(others), *base.shape), dtype=base.dtype, device=base.device)
     for row, (i, weight) in enumerate(zip(others, weights, strict=True)):
@@ -53,6 +60,11 @@ def generalized_task_arithmetic(
             delta = magnitude(delta, density, rescale)
         elif sparsifier == "random":
             delta = bernoulli(delta, density, rescale, call.seeds[i])
+        elif sparsifier == "magnitude_outliers":
+            delta = magnitude_outliers(delta, density, float(call.input_params[i]["gamma"]), rescale)
+        elif sparsifier == "della_magprune":
+            epsilon = float(call.input_params[i]["epsilon"])
+            delta = della_magprune(delta, density, epsilon, rescale, call.seeds[i])
         weighted[row] = delta.mul_(weight)  # [n_models, *shape]
         del delta
 
@@ -115,6 +127,28 @@ def _spec(
         )
     else:
         params.append(ParamSpec("rescale", "bool", Scope.SHARED, rescale, "no effect without sparsification"))
+    if sparsifier == "magnitude_outliers":
+        params.append(
+            ParamSpec(
+                "gamma",
+                "float",
+                Scope.NON_BASE,
+                0.01,
+                "fraction of the largest task-vector entries to drop as outliers",
+                minimum=0.0,
+                maximum=1.0,
+            )
+        )
+    if sparsifier == "della_magprune":
+        params.append(
+            ParamSpec(
+                "epsilon",
+                "float",
+                Scope.NON_BASE,
+                0.15,
+                "keep probabilities run from density - epsilon (smallest) to density + epsilon (largest)",
+            )
+        )
 
     def merge(call: MergeCall) -> torch.Tensor:
         return generalized_task_arithmetic(call, sparsifier, consensus)
@@ -126,7 +160,7 @@ def _spec(
         params=tuple(params),
         merge=merge,
         needs_base=True,
-        randomized=sparsifier == "random",
+        randomized=sparsifier in ("random", "della_magprune"),
     )
 
 
@@ -135,4 +169,32 @@ SPECS = (
     _spec("ties", "TIES", "https://arxiv.org/abs/2306.01708", "magnitude", "sum", True, False),
     _spec("dare_ties", "DARE-TIES", "https://arxiv.org/abs/2311.03099", "random", "sum", False, True),
     _spec("dare_linear", "DARE (linear)", "https://arxiv.org/abs/2311.03099", "random", None, False, True),
+    _spec(
+        "breadcrumbs",
+        "Model Breadcrumbs",
+        "https://arxiv.org/abs/2312.06795",
+        "magnitude_outliers",
+        None,
+        False,
+        False,
+    ),
+    _spec(
+        "breadcrumbs_ties",
+        "Model Breadcrumbs with TIES",
+        "https://arxiv.org/abs/2312.06795",
+        "magnitude_outliers",
+        "sum",
+        False,
+        False,
+    ),
+    _spec("della", "DELLA", "https://arxiv.org/abs/2406.11617", "della_magprune", "sum", True, True),
+    _spec(
+        "della_linear",
+        "DELLA (linear)",
+        "https://arxiv.org/abs/2406.11617",
+        "della_magprune",
+        None,
+        False,
+        True,
+    ),
 )
