@@ -154,7 +154,10 @@ def _merge(args: argparse.Namespace) -> int:
     )
     _audit(config, options, args.allow_crimes)
     if args.dry_run:
-        _print_plan(plan_merge(config, options))
+        plan = plan_merge(config, options)
+        _print_plan(plan)
+        for note in plan.notes:
+            print(f"note: {note}")
         return 0
 
     from tqdm import tqdm
@@ -175,6 +178,8 @@ def _merge(args: argparse.Namespace) -> int:
     print(
         f"merged {result.tensors} tensors ({_human(result.bytes_written)} in {shards}) into {result.out_path}"
     )
+    for note in result.notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -162,6 +162,34 @@ class OutputSlice(_Strict):
     parameters: Parameters | None = None
 
 
+class ModelTokenEmbedding(_Strict):
+    """``{kind: model_token, model, token | token_id}``: a row of one model's own embedding."""
+
+    kind: Literal["model_token"]
+    model: ModelRef
+    token_id: int | None = None
+    token: str | None = None
+
+
+class ZeroEmbedding(_Strict):
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(_Strict):
+    """How one token's row is filled where a model lacks it (``force``: in every model)."""
+
+    source: ModelTokenEmbedding | ZeroEmbedding | ModelRef | None = None
+    force: bool = False
+
+
+class TokenizerConfig(_Strict):
+    """mergekit's ``tokenizer:`` block: the output vocabulary and how new rows are filled."""
+
+    source: str = "union"  # union | base | a model of the recipe
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = None
+
+
 class MergeConfig(_Strict):
     """A validated recipe. Build it with :func:`load_recipe`, which also checks it against the method."""
 
@@ -173,6 +201,7 @@ class MergeConfig(_Strict):
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     random_seed: int | None = None
 
@@ -185,6 +214,11 @@ class MergeConfig(_Strict):
                 raise ValueError(f"unknown dtype '{value}'; use one of bfloat16, float16, float32, float64")
             return DTYPE_ALIASES[name]
         return value
+
+    @property
+    def vocabulary_source(self) -> str | None:
+        """``base``, ``union`` or a model: the output's tokenizer when it is built, else None."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     def referenced_models(self) -> list[str]:
         """Every model the recipe names, base first, each once, in recipe order."""
@@ -283,14 +317,7 @@ def validate_recipe(
         problems.append(
             (("modules",), "`modules:` (multi-module models) is not supported; use `models` or `slices`")
         )
-    if "tokenizer" in data:
-        problems.append(
-            (
-                ("tokenizer",),
-                "the `tokenizer:` block is not supported yet; use `tokenizer_source: base` or a model",
-            )
-        )
-    cleaned = {k: v for k, v in data.items() if k not in {"modules", "tokenizer"}}
+    cleaned = {k: v for k, v in data.items() if k != "modules"}
     unknown = [k for k in cleaned if k not in MergeConfig.model_fields]
     for key in unknown:
         close = difflib.get_close_matches(str(key), list(MergeConfig.model_fields), n=1)
@@ -379,13 +406,7 @@ def _semantic_problems(config: MergeConfig) -> list[tuple[tuple[Any, ...], str]]
         )
     if config.random_seed is not None and config.random_seed < 0:
         problems.append((("random_seed",), "must be a non-negative integer"))
-    if config.tokenizer_source == "union":
-        problems.append(
-            (
-                ("tokenizer_source",),
-                "`union` is not supported yet; use `base` or the name of one of the models",
-            )
-        )
+    problems.extend(_tokenizer_problems(config))
 
     # Inputs per output group, to check counts.
     groups: list[tuple[tuple[Any, ...], list[str], str | None]] = []
@@ -422,10 +443,50 @@ def _semantic_problems(config: MergeConfig) -> list[tuple[tuple[Any, ...], str]]
             problems.append(
                 (loc, f"{spec.name} takes at most {spec.max_inputs} models{extra}, got {n}{more}")
             )
+        non_base = len([name for name in names if name != base])
+        if non_base < spec.min_non_base or (spec.max_non_base is not None and non_base > spec.max_non_base):
+            want = (
+                f"exactly {spec.min_non_base}"
+                if spec.min_non_base == spec.max_non_base
+                else f"at least {spec.min_non_base}"
+                if spec.max_non_base is None
+                else f"{spec.min_non_base} to {spec.max_non_base}"
+            )
+            noun = "model" if (spec.max_non_base or spec.min_non_base) == 1 else "models"
+            problems.append((loc, f"{spec.name} takes {want} {noun} besides the base model, got {non_base}"))
         if spec.name == "slerp" and base and base not in names:
             problems.append((loc, "slerp interpolates from the base model: list it among the models"))
 
     problems.extend(_parameter_problems(config, spec))
+    return problems
+
+
+def _tokenizer_problems(config: MergeConfig) -> list[tuple[tuple[Any, ...], str]]:
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    models = config.referenced_models()
+    if config.tokenizer is not None and config.tokenizer_source is not None:
+        problems.append(
+            (("tokenizer_source",), "give either `tokenizer_source` or a `tokenizer:` block, not both")
+        )
+    where = ("tokenizer", "source") if config.tokenizer is not None else ("tokenizer_source",)
+    source = config.vocabulary_source
+    if source is not None and source not in ("base", "union", *models):
+        close = difflib.get_close_matches(source, ["base", "union", *models], n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        problems.append((where, f"'{source}' is not `base`, `union` or one of the recipe's models.{hint}"))
+    if config.tokenizer is None:
+        return problems
+    multiple = config.tokenizer.pad_to_multiple_of
+    if multiple is not None and multiple < 1:
+        problems.append((("tokenizer", "pad_to_multiple_of"), f"must be a positive integer, got {multiple}"))
+    for token, embedding in (config.tokenizer.tokens or {}).items():
+        loc = ("tokenizer", "tokens", token, "source")
+        src = embedding.source
+        model = src.model if isinstance(src, ModelTokenEmbedding) else src
+        if isinstance(model, str) and model not in models:
+            problems.append((loc, f"'{model}' is not one of the recipe's models"))
+        if isinstance(src, ModelTokenEmbedding) and (src.token is None) == (src.token_id is None):
+            problems.append((loc, "give exactly one of `token` and `token_id`"))
     return problems
 
 

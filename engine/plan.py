@@ -11,6 +11,11 @@ because existing recipes depend on them:
 - the tensors outside the blocks (embeddings, final norm, ``lm_head``) all take ``t = 0``,
   the *first* value of a gradient, and come from the first slice's models (embeddings) or
   the last slice's models (norm and head).
+
+With ``tokenizer_source`` (or a ``tokenizer:`` block) the models' vocabularies, read
+beforehand into :attr:`ModelMeta.vocabulary`, give the output vocabulary
+(:mod:`engine.vocab`); tensors with a vocabulary axis may then differ in rows, and their
+tasks are marked so the runner aligns their rows by token before merging.
 """
 
 from __future__ import annotations
@@ -30,12 +35,20 @@ from engine.architecture import (
     main_layer_prefix,
     parse_layer_name,
 )
-from engine.config import MergeConfig, Setting
+from engine.config import MergeConfig, Setting, ZeroEmbedding
 from engine.errors import IncompatibleModelsError, RecipeError
 from engine.methods import get_method
 from engine.methods.base import MethodSpec, ParamValue, Scope
 from engine.sources.base import TensorInfo
 from engine.sources.safetensors_file import DTYPES
+from engine.vocab import (
+    TokenRule,
+    VocabPlan,
+    Vocabulary,
+    build_vocab_plan,
+    has_vocabulary_axis,
+    vocabulary_rows,
+)
 
 DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
@@ -47,6 +60,7 @@ class ModelMeta:
     reference: str
     config: Mapping[str, Any]
     tensors: Mapping[str, TensorInfo]
+    vocabulary: Vocabulary | None = None  # read only when the recipe builds the output tokenizer
 
     @property
     def num_layers(self) -> int:
@@ -72,6 +86,7 @@ class TensorTask:
     shape: tuple[int, ...]
     dtype: str  # safetensors code of the output
     read_dtype: str | None  # recipe `dtype`: inputs are rounded to it before merging
+    vocab_axis: int | None = None  # rows are tokens: align them to the plan's vocabulary first
 
     @property
     def nbytes(self) -> int:
@@ -87,6 +102,7 @@ class MergePlan:
     bytes_to_read: int
     bytes_to_write: int
     notes: tuple[str, ...] = field(default=())
+    vocab: VocabPlan | None = None  # the output vocabulary, when the recipe builds it
 
 
 def tensor_seed(seed: int, tensor: str, input_index: int) -> int:
@@ -129,7 +145,8 @@ def build_plan(config: MergeConfig, models: Mapping[str, ModelMeta], *, seed: in
     prefix = main_layer_prefix(reference_model.tensors)
     out_dtype_name = config.out_dtype or config.dtype
     out_dtype = DTYPE_CODES[out_dtype_name] if out_dtype_name else None
-    planner = _Planner(config, method, models, base_seed, out_dtype)
+    vocab = _vocab_plan(config, models, donor)
+    planner = _Planner(config, method, models, base_seed, out_dtype, vocab)
 
     # Names outside the blocks, in the donor's order: embeddings first, then the rest.
     outside = [n for n in reference_model.tensors if not _is_block(n, prefix)]
@@ -154,6 +171,9 @@ def build_plan(config: MergeConfig, models: Mapping[str, ModelMeta], *, seed: in
             planner.add(head, [(s, head) for s in last.sources], last, t=0.0)
 
     output_config = _output_config(config, models, donor, groups, out_layer)
+    if vocab is not None:
+        _set_vocab_size(output_config, vocab.size)
+        planner.notes.extend(vocab_notes(vocab, donor))
     tasks = tuple(planner.tasks)
     return MergePlan(
         method=method,
@@ -163,7 +183,88 @@ def build_plan(config: MergeConfig, models: Mapping[str, ModelMeta], *, seed: in
         bytes_to_read=planner.bytes_to_read,
         bytes_to_write=sum(t.nbytes for t in tasks),
         notes=tuple(planner.notes),
+        vocab=vocab,
     )
+
+
+def _vocab_plan(config: MergeConfig, models: Mapping[str, ModelMeta], base: str) -> VocabPlan | None:
+    source = config.vocabulary_source
+    if source is None:
+        return None
+    refs = config.referenced_models()
+    vocabularies: dict[str, Vocabulary] = {}
+    limits: dict[str, int] = {}
+    for ref in refs:
+        vocabulary = models[ref].vocabulary
+        if vocabulary is None:
+            raise IncompatibleModelsError(
+                f"The tokenizer of '{ref}' was not read, and `tokenizer_source` needs every model's "
+                "(plan with engine.run.plan_merge, which reads them)",
+                models=[ref],
+                field="tokenizer",
+            )
+        vocabularies[ref] = vocabulary
+        limits[ref] = vocabulary_rows(models[ref].config, vocabulary) or len(vocabulary.tokens)
+    block = config.tokenizer
+    rules: dict[str, TokenRule] = {}
+    for token, embedding in ((block.tokens or {}) if block else {}).items():
+        src = embedding.source
+        if src is None:
+            continue  # no rule: the default fill applies (mergekit has no meaning for it)
+        if isinstance(src, str):
+            rules[token] = TokenRule("model", model=src, force=embedding.force)
+        elif isinstance(src, ZeroEmbedding):
+            rules[token] = TokenRule("zero", force=embedding.force)
+        else:
+            row = src.token_id
+            if row is None:
+                row = vocabularies[src.model].tokens.get(src.token or "")
+                if row is None:
+                    raise RecipeError.single(
+                        f"tokenizer.tokens.{token}.source.token", f"'{src.model}' has no token {src.token!r}"
+                    )
+            rules[token] = TokenRule("model_row", model=src.model, row=row, force=embedding.force)
+    return build_vocab_plan(
+        source,
+        refs,
+        base,
+        vocabularies,
+        limits,
+        extra_tokens=rules,
+        pad_to_multiple_of=block.pad_to_multiple_of if block else None,
+    )
+
+
+def vocab_notes(vocab: VocabPlan, base: str, shown: int = 8) -> list[str]:
+    """What the vocabulary merge did, in words: the report the CLI prints and the bot posts."""
+
+    def listing(tokens: Sequence[str]) -> str:
+        more = f", ... ({len(tokens) - shown} more)" if len(tokens) > shown else ""
+        return ", ".join(repr(t) for t in tokens[:shown]) + more
+
+    source = {"base": f"the base's tokenizer ('{base}')", "union": "the union of the models' tokenizers"}.get(
+        vocab.source, f"the tokenizer of '{vocab.source}'"
+    )
+    padded = f", padded to {vocab.size} rows" if vocab.size > len(vocab.tokens) else ""
+    notes = [f"output vocabulary: {source}, {len(vocab.tokens)} tokens{padded}"]
+    if vocab.added:
+        notes.append(f"tokens added to the base's vocabulary ({len(vocab.added)}): {listing(vocab.added)}")
+    for model in vocab.rows:
+        missing = vocab.missing(model)
+        if missing:
+            notes.append(
+                f"'{model}' lacks {len(missing)} of these tokens ({listing(missing)}); its rows for them are "
+                "filled as mergekit does: the base's row, else the mean of the models that have the token"
+            )
+    return notes
+
+
+def _set_vocab_size(config: dict[str, Any], size: int) -> None:
+    text = config.get("text_config")
+    if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text:
+        config["text_config"] = {**text, "vocab_size": size}
+    else:
+        config["vocab_size"] = size
 
 
 def _is_block(name: str, prefix: str | None) -> bool:
@@ -245,8 +346,10 @@ class _Planner:
         models: Mapping[str, ModelMeta],
         seed: int,
         out_dtype: str | None,
+        vocab: VocabPlan | None,
     ) -> None:
         self.config = config
+        self.vocab = vocab
         self.method = method
         self.models = models
         self.seed = seed
@@ -273,12 +376,23 @@ class _Planner:
             resolved.append((src, tensor))
 
         infos = [self.models[src.model].tensors[tensor] for src, tensor in resolved]
-        shapes = {info.shape for info in infos}
+        vocab_axis = self._vocab_axis(out_name, resolved, infos)
+        shape = (
+            infos[0].shape
+            if vocab_axis is None or self.vocab is None
+            else (self.vocab.size, *infos[0].shape[1:])
+        )
+        shapes = {info.shape if vocab_axis is None else info.shape[1:] for info in infos}
         if len(shapes) > 1:
             detail = ", ".join(
                 f"'{src.model}': {list(i.shape)}" for (src, _), i in zip(resolved, infos, strict=True)
             )
-            hint = " The vocabularies differ in size." if "embed" in out_name or "head" in out_name else ""
+            hint = ""
+            if has_vocabulary_axis(out_name) and self.vocab is None:
+                hint = (
+                    " The vocabularies differ in size: set `tokenizer_source` (base, union or a model) "
+                    "to build the output vocabulary and align the rows by token."
+                )
             raise IncompatibleModelsError(
                 f"Tensor '{out_name}' has different shapes ({detail}).{hint}",
                 models=[src.model for src, _ in resolved],
@@ -313,11 +427,24 @@ class _Planner:
                 params=MappingProxyType(params),
                 input_params=tuple(input_params),
                 seeds=tuple(tensor_seed(self.seed, out_name, i) for i in range(len(resolved))),
-                shape=infos[0].shape,
+                shape=shape,
                 dtype=self.out_dtype if self.out_dtype and _is_float(stored) else stored,
                 read_dtype=self.read_dtype,
+                vocab_axis=vocab_axis,
             )
         )
+
+    def _vocab_axis(
+        self, out_name: str, resolved: Sequence[tuple[_Source, str]], infos: Sequence[TensorInfo]
+    ) -> int | None:
+        """0 when the tensor's rows are the vocabulary of every input (embeddings, output heads)."""
+        if self.vocab is None or not has_vocabulary_axis(out_name):
+            return None
+        for (src, _), info in zip(resolved, infos, strict=True):
+            meta = self.models[src.model]
+            if not info.shape or info.shape[0] != vocabulary_rows(meta.config, meta.vocabulary):
+                return None
+        return 0
 
     def _resolve(
         self, name: str, group: _Group, source: _Source | None, tensor: str, t: float, scope: Scope

@@ -7,7 +7,11 @@ deltas and up to 5 temporaries of the same size) and the output. Input pages are
 from the process after each read and output bytes go straight to their file. So peak
 resident memory is at most about ``(3 * n_inputs + 6) * largest_tensor_elements * 4``
 bytes above the interpreter's, whatever the number of tensors in the model (the CLI also
-makes glibc return freed tensor memory at once; see ``engine.cli``).
+makes glibc return freed tensor memory at once; see ``engine.cli``). Two exceptions: a
+tensor whose rows are tokens, when the recipe builds the output vocabulary, is aligned by
+token first (:func:`engine.vocab.align_rows`: about 3 x n_inputs copies of it at the
+output's row count); and a ``base+adapter`` input computes its low-rank update in float32
+(one more copy of the tensor, plus the two small factors).
 
 The output is built in a hidden temporary folder beside the destination and renamed into
 place only when complete, so a failed merge leaves no partial output behind.
@@ -33,6 +37,7 @@ from engine.methods.base import MergeCall
 from engine.plan import MergePlan, ModelMeta, TensorTask, build_plan
 from engine.sources import ModelSource, open_model
 from engine.sources.safetensors_file import DTYPES
+from engine.vocab import align_rows
 from engine.writer import DEFAULT_SHARD_BYTES, OutputTensor, ShardedWriter
 
 log = logging.getLogger(__name__)
@@ -94,6 +99,8 @@ class OpenModels:
     """Every model a recipe references, opened once and closed together."""
 
     def __init__(self, config: MergeConfig, options: MergeOptions) -> None:
+        self.config = config
+        self._metadata: dict[str, ModelMeta] | None = None
         self.sources: dict[str, ModelSource] = {}
         try:
             for ref in config.referenced_models():
@@ -109,7 +116,16 @@ class OpenModels:
             raise
 
     def metadata(self) -> dict[str, ModelMeta]:
-        return {ref: ModelMeta(ref, src.config(), src.tensors()) for ref, src in self.sources.items()}
+        """Configs and tensor headers, and the tokenizers when the recipe builds the output's."""
+        if self._metadata is None:
+            read_vocab = self.config.vocabulary_source is not None
+            if read_vocab:
+                from engine.tokenizer import read_vocabulary
+            self._metadata = {
+                ref: ModelMeta(ref, src.config(), src.tensors(), read_vocabulary(src) if read_vocab else None)
+                for ref, src in self.sources.items()
+            }
+        return dict(self._metadata)
 
     def close(self) -> None:
         for src in self.sources.values():
@@ -127,6 +143,11 @@ def plan_merge(config: MergeConfig, options: MergeOptions | None = None) -> Merg
     options = options or MergeOptions()
     with OpenModels(config, options) as opened:
         return build_plan(config, opened.metadata(), seed=options.seed)
+
+
+def _log_notes(plan: MergePlan) -> None:
+    for note in plan.notes:
+        log.info("%s", note)
 
 
 def run_merge(
@@ -161,6 +182,7 @@ def run_merge(
     try:
         with OpenModels(config, options) as opened:
             plan = build_plan(config, opened.metadata(), seed=options.seed)
+            _log_notes(plan)
             writer = ShardedWriter(
                 staging,
                 [OutputTensor(t.name, t.dtype, t.shape) for t in plan.tasks],
@@ -236,6 +258,9 @@ def combine(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor]) -> t
     out_dtype = DTYPES[task.dtype][0]
     if not out_dtype.is_floating_point:
         return tensors[0].to(out_dtype)
+    if task.vocab_axis is not None and plan.vocab is not None:
+        base = task.inputs[task.base_index].model if task.base_index is not None else None
+        tensors = align_rows(plan.vocab, [item.model for item in task.inputs], tensors, base)
     call = MergeCall(
         tensors=tensors,
         base_index=task.base_index,
@@ -297,21 +322,19 @@ def _write_side_files(
     donor = sources[plan.donor]
     if "generation_config.json" in donor.files():
         _copy(donor, "generation_config.json", folder)
-    if not options.copy_tokenizer:
+    if plan.vocab is not None:
+        # the output's rows follow this tokenizer: it is written even with copy_tokenizer off, as mergekit does
+        from engine.tokenizer import write_tokenizer
+
+        write_tokenizer(plan.vocab, sources, folder)
+    elif options.copy_tokenizer:
+        tok_source = sources[plan.donor]
+        available = set(tok_source.files())
+        for name in TOKENIZER_FILES:
+            if name in available:
+                _copy(tok_source, name, folder)
+    else:
         return
-    tokenizer_model = plan.donor
-    if config.tokenizer_source and config.tokenizer_source != "base":
-        tokenizer_model = config.tokenizer_source
-        if tokenizer_model not in sources:
-            raise RecipeError.single(
-                "tokenizer_source",
-                f"'{tokenizer_model}' is not one of the recipe's models; use `base` or one of them",
-            )
-    tok_source = sources[tokenizer_model]
-    available = set(tok_source.files())
-    for name in TOKENIZER_FILES:
-        if name in available:
-            _copy(tok_source, name, folder)
     if config.chat_template:
         _write_chat_template(config.chat_template, sources, folder)
 

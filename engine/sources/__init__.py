@@ -8,8 +8,9 @@ from engine.errors import ModelNotFoundError
 from engine.sources.base import ModelSource, TensorInfo
 from engine.sources.hub import parse_hub_reference
 from engine.sources.local import LocalModel
+from engine.sources.lora import LoraModel, split_reference
 
-__all__ = ["LocalModel", "ModelSource", "TensorInfo", "open_model"]
+__all__ = ["LocalModel", "LoraModel", "ModelSource", "TensorInfo", "open_model"]
 
 
 def open_model(
@@ -24,7 +25,8 @@ def open_model(
 
     Args:
         reference: a local model folder, or a Hub repo id (``org/name`` or ``org/name@revision``)
-            when no such folder exists.
+            when no such folder exists; ``base+adapter`` (mergekit's syntax) applies a PEFT LoRA
+            adapter (a folder or a Hub id) to the base on the fly.
         allow_pickle: accept ``.bin`` weights when no safetensors exist.
         base_dir: a second folder relative references are tried in (the recipe's folder).
         hub_endpoint, hub_token: where Hub ids are read from; None follows huggingface_hub's defaults.
@@ -32,10 +34,9 @@ def open_model(
     Raises:
         ModelNotFoundError: nothing readable is at that reference.
     """
-    if "+" in reference and not os.path.isdir(reference):
-        raise ModelNotFoundError(
-            reference, "LoRA references ('base+adapter') are not supported by this version of the engine"
-        )
+    parts = split_reference(reference) if not _is_folder(reference, base_dir) else None
+    if parts is not None:
+        return _open_lora(reference, parts, allow_pickle, base_dir, hub_endpoint, hub_token)
     path = reference
     # Relative paths resolve against the working directory first, as in mergekit, then the recipe's folder.
     candidates = [path] if os.path.isabs(path) else [os.path.abspath(path)]
@@ -54,3 +55,41 @@ def open_model(
         f"no model folder at {os.path.abspath(candidates[0])}, and it is not a Hub id (org/name); "
         "give a folder with config.json and .safetensors weights, or a Hub repo id",
     )
+
+
+def _is_folder(reference: str, base_dir: str | None) -> bool:
+    """A folder whose name holds a '+' is a folder, not a LoRA reference."""
+    if os.path.isdir(reference):
+        return True
+    return (
+        bool(base_dir)
+        and not os.path.isabs(reference)
+        and os.path.isdir(os.path.join(base_dir or "", reference))
+    )
+
+
+def _open_lora(
+    reference: str,
+    parts: tuple[str, str],
+    allow_pickle: bool,
+    base_dir: str | None,
+    hub_endpoint: str | None,
+    hub_token: str | None,
+) -> ModelSource:
+    opened: list[ModelSource] = []
+    try:
+        for part in parts:
+            opened.append(
+                open_model(
+                    part,
+                    allow_pickle=allow_pickle,
+                    base_dir=base_dir,
+                    hub_endpoint=hub_endpoint,
+                    hub_token=hub_token,
+                )
+            )
+        return LoraModel(reference, opened[0], opened[1])
+    except BaseException:
+        for source in opened:
+            source.close()
+        raise
