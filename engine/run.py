@@ -3,15 +3,13 @@
 Memory bound: at any time the engine holds the inputs of two output tensors in the compute
 dtype (the one being merged and the next, read ahead by a reader thread: 2 x n_inputs
 tensors), the method's working set (for the task-vector methods n_inputs - 1 weighted
-deltas and up to 5 temporaries of the same size) and the output. Input pages are dropped
-from the process after each read and output bytes go straight to their file. So peak
-resident memory is at most about ``(3 * n_inputs + 6) * largest_tensor_elements * 4``
-bytes above the interpreter's, whatever the number of tensors in the model (the CLI also
-makes glibc return freed tensor memory at once; see ``engine.cli``). Two exceptions: a
-tensor whose rows are tokens, when the recipe builds the output vocabulary, is aligned by
-token first (:func:`engine.vocab.align_rows`: about 3 x n_inputs copies of it at the
-output's row count); and a ``base+adapter`` input computes its low-rank update in float32
-(one more copy of the tensor, plus the two small factors).
+deltas and up to 5 temporaries of the same size), and up to three outputs (one being
+computed, two waiting for the writer thread). Input pages are dropped from the process
+after each read and output bytes go straight to their file. So peak resident memory is at
+most about ``(3 * n_inputs + 8) * largest_tensor_elements * 4`` bytes above the
+interpreter's, whatever the number of tensors in the model. Elementwise methods (linear,
+task arithmetic, passthrough) need far less: they merge slice by slice from memory maps.
+(The CLI also makes glibc return freed tensor memory at once; see ``engine.cli``.)
 
 The output is built in a hidden temporary folder beside the destination and renamed into
 place only when complete, so a failed merge leaves no partial output behind.
@@ -24,9 +22,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -163,8 +162,9 @@ def run_merge(
     Args:
         progress: called with (done, total, tensor name) after each output tensor.
         on_shard: called with the path of each shard as soon as it is complete, before the
-            merge ends (the bot uploads shards as they come). It may remove the file once it
-            has used it, to keep the disk use of a large merge to about one shard.
+            merge ends (the bot uploads shards as they come), from the engine's writer thread.
+            It may remove the file once it has used it, to keep the disk use of a large
+            merge to about one shard.
 
     Raises:
         MergeError: a subclass naming what the user has to fix; nothing is left at ``out_path``.
@@ -215,23 +215,108 @@ def _execute(
     device: torch.device,
     progress: Progress | None,
 ) -> None:
-    """Compute tensors in plan order while a reader thread fetches the next tensor's inputs."""
+    """Compute tensors in plan order, with reading and writing overlapped.
+
+    A reader thread fetches the next tensor's inputs while this one is merged, and a writer
+    thread stores finished tensors (at most two wait for it, which bounds memory) while the
+    next ones are computed. Errors from either thread surface here.
+    """
     tasks = plan.tasks
     total = len(tasks)
     if not total:
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebot-read") as reader:
-        pending = reader.submit(read_inputs, tasks[0], sources, device)
+
+    def fetch(task: TensorTask) -> list[torch.Tensor] | None:
+        return None if _sliceable(plan, task, sources, device) else read_inputs(task, sources, device)
+
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebot-read") as reader,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebot-write") as writing,
+    ):
+        pending = reader.submit(fetch, tasks[0])
+        writes: deque[Future[None]] = deque()
         for done, task in enumerate(tasks):
             inputs = pending.result()
             if done + 1 < total:
-                pending = reader.submit(read_inputs, tasks[done + 1], sources, device)
-            result = combine(plan, task, inputs)
+                pending = reader.submit(fetch, tasks[done + 1])
+            result = combine_by_slices(plan, task, sources) if inputs is None else combine(plan, task, inputs)
             del inputs
-            writer.write(task.name, result)
+            while len(writes) >= 2:
+                writes.popleft().result()
+            writes.append(writing.submit(writer.write, task.name, result))
             del result
             if progress:
                 progress(done + 1, total, task.name)
+        while writes:
+            writes.popleft().result()
+
+
+SLICE_ELEMENTS = 1 << 18  # 1 MiB of float32 per input: stays in cache while it is merged
+
+
+def _sliceable(
+    plan: MergePlan, task: TensorTask, sources: Mapping[str, ModelSource], device: torch.device
+) -> bool:
+    """Whether this tensor can be merged slice by slice straight from the memory-mapped inputs."""
+    return (
+        plan.method.elementwise
+        and device.type == "cpu"
+        and task.vocab_axis is None
+        and DTYPES[task.dtype][0].is_floating_point
+        and all(hasattr(sources[item.model], "view") for item in task.inputs)
+    )
+
+
+def combine_by_slices(plan: MergePlan, task: TensorTask, sources: Mapping[str, ModelSource]) -> torch.Tensor:
+    """Merge an elementwise method slice by slice from zero-copy views of the inputs.
+
+    Gives exactly the numbers of :func:`combine` (each element sees the same operations),
+    but no input ever exists whole in float32: each slice is converted, merged and written
+    into the output while it is still in the CPU cache. Slices are spread over the cores,
+    each running single-threaded torch ops: many small ops under torch's own intra-op
+    threading spend more time in thread barriers than in arithmetic on a busy machine.
+    """
+    compute = torch.float64 if task.read_dtype == "F64" else torch.float32
+    round_to = DTYPES[task.read_dtype][0] if task.read_dtype else None
+    out = torch.empty(task.shape, dtype=DTYPES[task.dtype][0])
+    flat_out = out.reshape(-1)
+    total = flat_out.numel()
+    with ExitStack() as stack:
+        views = [stack.enter_context(sources[i.model].view(i.tensor)).reshape(-1) for i in task.inputs]  # type: ignore[attr-defined]
+
+        def merge_slice(start: int) -> None:
+            end = min(start + SLICE_ELEMENTS, total)
+            parts = []
+            for view in views:
+                part = view[start:end]
+                if round_to is not None:
+                    part = part.to(round_to)
+                parts.append(part.to(compute, copy=True))  # never a view into the read-only map
+            call = MergeCall(
+                tensors=parts,
+                base_index=task.base_index,
+                params=task.params,
+                input_params=task.input_params,
+                seeds=task.seeds,
+                tensor_name=task.name,
+            )
+            flat_out[start:end] = plan.method.merge(call)
+
+        starts = range(0, total, SLICE_ELEMENTS)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if len(starts) > 1 and threads > 1:
+                with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergebot-slice") as pool:
+                    list(pool.map(merge_slice, starts))
+            else:
+                for start in starts:
+                    merge_slice(start)
+        except ValueError as exc:
+            raise RecipeError.single("parameters", f"{exc} (tensor '{task.name}')") from None
+        finally:
+            torch.set_num_threads(threads)
+    return out
 
 
 def read_inputs(

@@ -350,3 +350,27 @@ def test_on_shard_sees_each_finished_shard_once(llama_family: Family, tmp_path: 
     assert {name: size for name, size in seen} == {
         p.name: p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors")
     }
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "passthrough"])
+def test_slice_by_slice_merging_gives_the_same_bytes(
+    llama_family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    import engine.run as run_module
+
+    base, a, b = llama_family.base, llama_family.finetunes[0], llama_family.finetunes[1]
+    if method == "passthrough":
+        text = f"merge_method: passthrough\nmodels:\n  - model: {a}\n    parameters: {{scale: 0.7}}\n"
+    else:
+        base_line = f"base_model: {base}\n" if method == "task_arithmetic" else ""
+        text = (
+            f"merge_method: {method}\n{base_line}models:\n"
+            f"  - model: {a}\n    parameters: {{weight: [0.2, 0.9]}}\n"
+            f"  - model: {b}\n    parameters: {{weight: -0.4}}\ndtype: bfloat16\n"
+        )
+    recipe = load_recipe(text)
+    monkeypatch.setattr(run_module, "SLICE_ELEMENTS", 100)  # many slices, ragged last one
+    run_merge(recipe, tmp_path / "sliced")
+    monkeypatch.setattr(run_module, "_sliceable", lambda *args: False)
+    run_merge(recipe, tmp_path / "whole")
+    assert digest(tmp_path / "sliced") == digest(tmp_path / "whole")

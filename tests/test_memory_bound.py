@@ -56,7 +56,7 @@ def test_peak_rss_of_a_ties_merge_is_bounded_by_a_few_tensors(tmp_path: Path) ->
     model_bytes = sum((m / "model.safetensors").stat().st_size for m in models)
     tensor_f32 = ROWS * COLS * 4
     n_inputs = 3
-    bound = (3 * n_inputs + 6) * tensor_f32  # the bound documented in engine/run.py
+    bound = (3 * n_inputs + 8) * tensor_f32  # the bound documented in engine/run.py
     growth = after - before
     assert model_bytes > 4 * bound  # the inputs are far larger than the bound
     print(

@@ -126,6 +126,9 @@ class MethodSpec:
     min_non_base: int = 0  # inputs other than the base model, when there is one
     max_non_base: int | None = None
     randomized: bool = False
+    # Each output element depends only on the same element of the inputs, so the engine may
+    # merge a tensor slice by slice (exactly the same numbers, far less memory traffic).
+    elementwise: bool = False
     aliases: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> ParamSpec | None:

@@ -29,4 +29,5 @@ SPEC = MethodSpec(
         ParamSpec("normalize", "bool", Scope.SHARED, True, "divide by the sum of the weights"),
     ),
     merge=linear,
+    elementwise=True,
 )

@@ -19,5 +19,6 @@ SPEC = MethodSpec(
     reference="https://github.com/arcee-ai/mergekit#passthrough",
     params=(ParamSpec("scale", "float", Scope.INPUT, 1.0, "multiply the copied tensor by this factor"),),
     merge=passthrough,
+    elementwise=True,
     max_inputs=1,
 )

@@ -161,6 +161,7 @@ def _spec(
         merge=merge,
         needs_base=True,
         randomized=sparsifier in ("random", "della_magprune"),
+        elementwise=sparsifier is None and consensus is None,
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -116,6 +118,15 @@ class LocalModel:
             t = self._pickled[name]
             return t.to(dtype or t.dtype, copy=True)
         return self._where[name].read(name, dtype)
+
+    @contextmanager
+    def view(self, name: str) -> Iterator[torch.Tensor]:
+        """The stored tensor without a copy (read-only), valid inside the block."""
+        if self._pickled is not None:
+            yield self._pickled[name]
+            return
+        with self._where[name].view(name) as tensor:
+            yield tensor
 
     def files(self) -> list[str]:
         out = []

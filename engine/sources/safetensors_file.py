@@ -17,7 +17,8 @@ import mmap
 import os
 import struct
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,6 +203,28 @@ class SafetensorsFile:
         del view
         self.release(entry)
         return out
+
+    @contextmanager
+    def view(self, name: str) -> Iterator[torch.Tensor]:
+        """The tensor in place in the map (stored dtype, read-only), for the duration of a block.
+
+        Nothing is copied: callers convert slices as they go, so a tensor never exists as a
+        whole in the compute dtype. Its pages are released when the block ends.
+        """
+        entry = self.header.entries[name]
+        if entry.numel == 0:
+            yield torch.empty(entry.shape, dtype=entry.torch_dtype)
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only map: we never write through it
+            view = torch.frombuffer(
+                self._mapping(), dtype=entry.torch_dtype, count=entry.numel, offset=entry.start
+            )
+        try:
+            yield view.reshape(entry.shape)
+        finally:
+            del view
+            self.release(entry)
 
     def release(self, entry: TensorEntry) -> None:
         """Drop the pages of one tensor from this process (they stay in the page cache)."""
