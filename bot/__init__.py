@@ -1,1 +1,16 @@
-"""bot package: arrives with its issue."""
+"""mergebot's bot: Hub discussions and webhooks in, merged repos with cards out.
+
+    from bot import Bot, Settings, create_app
+    app = create_app(Bot(Settings.from_env()))
+
+Modules: settings (environment), hub (every Hub call), commands (text -> command), licenses
+(licence rules), cards (model cards), jobs (store and scheduler), worker (one job),
+webhooks (payloads), service (routing), app (HTTP), cli (`mergebot bot serve`).
+"""
+
+from bot.app import create_app
+from bot.errors import BotError
+from bot.service import Bot
+from bot.settings import Settings
+
+__all__ = ["Bot", "BotError", "Settings", "create_app"]

@@ -51,7 +51,9 @@ class FormReading:
 
 def per_model_params(method: str) -> tuple[ParamSpec, ...]:
     """Numbers the form asks for on each model row (weight, density, epsilon...)."""
-    return tuple(p for p in METHODS[method].params if p.scope in (Scope.INPUT, Scope.NON_BASE) and p.kind != "bool")
+    return tuple(
+        p for p in METHODS[method].params if p.scope in (Scope.INPUT, Scope.NON_BASE) and p.kind != "bool"
+    )
 
 
 def shared_params(method: str) -> tuple[ParamSpec, ...]:
@@ -190,7 +192,9 @@ def example_form(method: str, base: str, others: Sequence[str]) -> MergeForm:
         rows.insert(0, base_row)
     elif method == "slerp" and base_row is not None:
         rows.insert(0, base_row)
-    shared = {p.name: p.default if p.default is not None else _starting_value(p) for p in shared_params(method)}
+    shared = {
+        p.name: p.default if p.default is not None else _starting_value(p) for p in shared_params(method)
+    }
     form = MergeForm(
         method=method,
         base_model=base if (spec.needs_base or method == "slerp") else None,

@@ -38,7 +38,10 @@ def test_form_to_yaml_is_mergekit_yaml() -> None:
     form = MergeForm(
         method="ties",
         base_model="org/base",
-        models=(ModelRow("org/math", {"weight": 0.7, "density": 0.5}), ModelRow("org/code", {"weight": 0.3, "density": 0.6})),
+        models=(
+            ModelRow("org/math", {"weight": 0.7, "density": 0.5}),
+            ModelRow("org/code", {"weight": 0.3, "density": 0.6}),
+        ),
         shared={"normalize": True, "lambda": 1.0},
         dtype="bfloat16",
     )
@@ -58,10 +61,14 @@ def test_yaml_the_form_cannot_show_is_kept_as_yaml() -> None:
     gradient = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [0, 1]}\n"
     reading = yaml_to_form(gradient)
     assert reading.form is None and "varies by layer" in (reading.advanced or "")
-    sliced = "merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n"
+    sliced = (
+        "merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n"
+    )
     assert "slices" in (yaml_to_form(sliced).advanced or "")
 
 
 def test_bad_yaml_reports_like_everywhere_else() -> None:
     with pytest.raises(RecipeError, match="density"):
-        yaml_to_form("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 2}\n")
+        yaml_to_form(
+            "merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 2}\n"
+        )

@@ -1,0 +1,78 @@
+"""Errors of the bot, as one tree. Anything else escaping a bot module is a bug.
+
+    BotError                    base: ``str()`` is a message for the person who asked
+    ├── CommandError            the discussion text could not be understood (comes with usage help)
+    ├── LicenseRefused          the parents' licenses forbid the merge, or need ``--accept-license``
+    ├── PreflightError          the parents cannot be read or merged (names the model and the reason)
+    ├── QuotaError              the requester already has too many jobs waiting
+    ├── DestinationError        the result repo cannot be created (exists, bad name)
+    ├── JobNotFound             `cancel`/`status` named a job that does not exist or is not theirs
+    ├── JobCancelled            raised inside a running merge when its job is cancelled
+    ├── JobInterrupted          raised inside a running merge when the bot shuts down (the job is re-queued)
+    └── HubError                the Hub failed in a way the user cannot fix (status code, no body)
+
+Engine errors (``engine.MergeError``) are shown unchanged: they are written for users too.
+Messages never contain tokens: errors are built from fields, never from HTTP responses or headers.
+"""
+
+from __future__ import annotations
+
+
+class BotError(Exception):
+    """Base of every error the bot reports in a discussion; ``str()`` is the whole message."""
+
+
+class CommandError(BotError):
+    """The comment was addressed to the bot but could not be understood."""
+
+
+class LicenseRefused(BotError):
+    def __init__(self, reasons: tuple[str, ...]) -> None:
+        self.reasons = reasons
+        super().__init__(
+            "The merge was refused for license reasons:\n" + "\n".join(f"- {r}" for r in reasons)
+        )
+
+
+class PreflightError(BotError):
+    pass
+
+
+class QuotaError(BotError):
+    def __init__(self, user: str, limit: int) -> None:
+        self.user = user
+        self.limit = limit
+        super().__init__(
+            f"@{user} already has {limit} merge(s) waiting; wait for one to finish or cancel one "
+            "(`cancel <job>`) before asking for another."
+        )
+
+
+class DestinationError(BotError):
+    pass
+
+
+class JobNotFound(BotError):
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"No job `{job_id}` of yours was found; `status` lists your jobs.")
+
+
+class JobCancelled(BotError):
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"Job `{job_id}` was cancelled.")
+
+
+class JobInterrupted(BotError):
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"Job `{job_id}` was interrupted by a restart of the bot; it will run again.")
+
+
+class HubError(BotError):
+    def __init__(self, action: str, status: int | None = None) -> None:
+        self.action = action
+        self.status = status
+        code = f" (HTTP {status})" if status is not None else ""
+        super().__init__(f"The Hub failed while {action}{code}; the bot will not retry this step.")

@@ -1,0 +1,396 @@
+"""The job store (SQLAlchemy: SQLite by default) and the scheduler (APScheduler 3.x) that runs one merge at a time.
+
+The ``jobs`` table is the truth about every job; APScheduler's persisted job store only
+says *when* to run one. A job is claimed atomically (``queued -> running``), so a job
+handed to the executor twice runs once. On start, jobs left ``running`` by a dead process
+go back to ``queued`` and every queued job is scheduled again.
+
+States::
+
+    queued --> running --> succeeded
+      |           |------> failed (reason)
+      '-----------'------> cancelled
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydantic import BaseModel, ConfigDict
+
+log = logging.getLogger(__name__)
+
+State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ACTIVE: tuple[State, ...] = ("queued", "running")
+JobKind = Literal["merge", "remerge"]
+
+
+class ReportTo(BaseModel):
+    """The discussion a job reports to."""
+
+    model_config = ConfigDict(frozen=True)
+
+    repo_id: str
+    num: int
+
+
+class JobSpec(BaseModel):
+    """Everything needed to run a job, with every parent pinned to a commit: JSON in, JSON out."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: JobKind = "merge"
+    requester: str
+    destination: str
+    recipe_yaml: str  # every model reference is `org/name@sha`
+    parents: dict[str, str]  # repo id -> pinned sha, base first
+    private: bool = False
+    accept_license: bool = False
+    report: ReportTo | None = None
+    source_comment: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    spec: JobSpec
+    state: State
+    progress: float
+    reason: str | None
+    status_comment: str | None
+    result_commit: str | None
+    cancel_requested: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+_meta = sa.MetaData()
+_jobs = sa.Table(
+    "mergebot_jobs",
+    _meta,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("requester", sa.String(200), nullable=False, index=True),
+    sa.Column("destination", sa.String(300), nullable=False, index=True),
+    sa.Column("spec", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False, index=True),
+    sa.Column("progress", sa.Float, nullable=False, default=0.0),
+    sa.Column("reason", sa.Text),
+    sa.Column("status_comment", sa.String(100)),
+    sa.Column("result_commit", sa.String(64)),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+_seen = sa.Table(
+    "mergebot_seen",
+    _meta,
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("payload", sa.Text),
+    sa.Column("done", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def make_engine(url: str) -> sa.Engine:
+    """An engine for the store; SQLite gets WAL and a busy timeout, since several threads write."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return sa.create_engine(url)
+
+
+class JobStore:
+    """Jobs and the keys of deliveries and comments already handled."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        _meta.create_all(engine)
+        self._lock = threading.Lock()  # one writer at a time inside this process
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def add(self, spec: JobSpec) -> Job:
+        now = _now()
+        job_id = uuid.uuid4().hex[:12]
+        with self._lock, self.engine.begin() as conn:
+            seq = conn.execute(sa.select(sa.func.coalesce(sa.func.max(_jobs.c.seq), 0) + 1)).scalar_one()
+            conn.execute(
+                _jobs.insert().values(
+                    id=job_id,
+                    seq=seq,
+                    requester=spec.requester,
+                    destination=spec.destination,
+                    spec=spec.model_dump_json(),
+                    state="queued",
+                    progress=0.0,
+                    cancel_requested=False,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    def _row(self, row: Any) -> Job:
+        def aware(moment: datetime) -> datetime:
+            return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+        return Job(
+            id=row.id,
+            spec=JobSpec.model_validate_json(row.spec),
+            state=row.state,
+            progress=row.progress,
+            reason=row.reason,
+            status_comment=row.status_comment,
+            result_commit=row.result_commit,
+            cancel_requested=bool(row.cancel_requested),
+            created_at=aware(row.created_at),
+            updated_at=aware(row.updated_at),
+        )
+
+    def get(self, job_id: str) -> Job | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(_jobs).where(_jobs.c.id == job_id)).first()
+        return self._row(row) if row else None
+
+    def all(self, *, requester: str | None = None, states: Sequence[State] | None = None) -> list[Job]:
+        query = sa.select(_jobs).order_by(_jobs.c.seq)
+        if requester is not None:
+            query = query.where(_jobs.c.requester == requester)
+        if states is not None:
+            query = query.where(_jobs.c.state.in_(list(states)))
+        with self.engine.connect() as conn:
+            return [self._row(r) for r in conn.execute(query)]
+
+    def active_count(self, requester: str) -> int:
+        return len(self.all(requester=requester, states=ACTIVE))
+
+    def all_for(self, destination: str, states: Sequence[State] | None = None) -> list[Job]:
+        """Jobs that publish to ``destination``, oldest first."""
+        query = sa.select(_jobs).where(_jobs.c.destination == destination).order_by(_jobs.c.seq)
+        if states is not None:
+            query = query.where(_jobs.c.state.in_(list(states)))
+        with self.engine.connect() as conn:
+            return [self._row(r) for r in conn.execute(query)]
+
+    def active_for(self, destination: str) -> list[Job]:
+        return self.all_for(destination, ACTIVE)
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 for the next job to run (0 while running); None when the job is finished."""
+        job = self.get(job_id)
+        if job is None or job.state not in ACTIVE:
+            return None
+        if job.state == "running":
+            return 0
+        with self.engine.connect() as conn:
+            seq = conn.execute(sa.select(_jobs.c.seq).where(_jobs.c.id == job_id)).scalar_one()
+            ahead = conn.execute(
+                sa.select(sa.func.count()).where(_jobs.c.state == "queued", _jobs.c.seq < seq)
+            ).scalar_one()
+        return int(ahead) + 1
+
+    def _update(self, job_id: str, *conditions: Any, **values: Any) -> bool:
+        with self._lock, self.engine.begin() as conn:
+            result = conn.execute(
+                _jobs.update().where(_jobs.c.id == job_id, *conditions).values(updated_at=_now(), **values)
+            )
+            return bool(result.rowcount)
+
+    def claim(self, job_id: str) -> bool:
+        """queued -> running; False if the job is not queued (already taken, finished or cancelled)."""
+        return self._update(job_id, _jobs.c.state == "queued", state="running", progress=0.0)
+
+    def set_progress(self, job_id: str, fraction: float) -> None:
+        self._update(job_id, _jobs.c.state == "running", progress=fraction)
+
+    def finish(
+        self, job_id: str, state: State, *, reason: str | None = None, commit: str | None = None
+    ) -> None:
+        values: dict[str, Any] = {"state": state, "reason": reason, "result_commit": commit}
+        if state == "succeeded":
+            values["progress"] = 1.0
+        self._update(job_id, **values)
+
+    def set_status_comment(self, job_id: str, comment_id: str) -> None:
+        self._update(job_id, status_comment=comment_id)
+
+    def cancel(self, job_id: str) -> State | None:
+        """Cancel a queued job at once, or ask a running one to stop; returns the state it was in."""
+        job = self.get(job_id)
+        if job is None or job.state not in ACTIVE:
+            return job.state if job else None
+        if self._update(
+            job_id, _jobs.c.state == "queued", state="cancelled", reason="cancelled by the requester"
+        ):
+            return "queued"
+        self._update(job_id, _jobs.c.state == "running", cancel_requested=True)
+        return "running"
+
+    def requeue(self, job_id: str) -> None:
+        """running -> queued (the bot stopped in the middle; the job starts again on the next run)."""
+        self._update(job_id, _jobs.c.state == "running", state="queued", progress=0.0)
+
+    def requeue_running(self) -> list[str]:
+        """Jobs a dead process left running go back to the queue (they restart from scratch)."""
+        ids = [j.id for j in self.all(states=("running",))]
+        for job_id in ids:
+            self.requeue(job_id)
+        return ids
+
+    def latest_results(self) -> list[Job]:
+        """For each destination repo, its most recent succeeded job (what a re-merge starts from)."""
+        latest: dict[str, Job] = {}
+        for job in self.all(states=("succeeded",)):
+            latest[job.spec.destination] = job
+        return list(latest.values())
+
+    # -- keys already handled -------------------------------------------------------------
+
+    def remember(self, key: str, payload: dict[str, Any] | None = None) -> bool:
+        """Record ``key``; False if it was already recorded (a duplicate)."""
+        with self._lock, self.engine.begin() as conn:
+            if conn.execute(sa.select(_seen.c.key).where(_seen.c.key == key)).first():
+                return False
+            conn.execute(
+                _seen.insert().values(
+                    key=key,
+                    payload=json.dumps(payload) if payload is not None else None,
+                    done=False,
+                    created_at=_now(),
+                )
+            )
+            return True
+
+    def mark_done(self, key: str) -> None:
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(_seen.update().where(_seen.c.key == key).values(done=True))
+
+    def pending(self) -> list[tuple[str, dict[str, Any]]]:
+        """Deliveries received but not yet handled (the process died in between), oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(_seen.c.key, _seen.c.payload)
+                .where(_seen.c.done.is_(False), _seen.c.payload.is_not(None))
+                .order_by(_seen.c.created_at)
+            )
+            return [(r.key, json.loads(r.payload)) for r in rows]
+
+
+# APScheduler persists a job as a textual reference to a function plus its arguments; the
+# function finds the process's runner for that store here (registered by JobQueue.start).
+_RUNNERS: dict[str, Callable[[str], None]] = {}
+
+
+def run_registered(queue_key: str, job_id: str) -> None:
+    """The persisted entry point: run ``job_id`` with the runner registered for ``queue_key``."""
+    runner = _RUNNERS.get(queue_key)
+    if runner is None:
+        log.warning("no runner for job %s: the queue is stopped", job_id)
+        return
+    runner(job_id)
+
+
+class JobQueue:
+    """APScheduler around the store: merges one at a time, light work (events, polls) beside them."""
+
+    def __init__(self, store: JobStore, url: str, runner: Callable[[str], None]) -> None:
+        self.store = store
+        self._key = hashlib.sha256(url.encode()).hexdigest()[:16]
+        self._runner = runner
+        self._run_jobs = True
+        self.scheduler = BackgroundScheduler(
+            jobstores={"default": SQLAlchemyJobStore(engine=store.engine), "memory": MemoryJobStore()},
+            executors={
+                "default": ThreadPoolExecutor(max_workers=1),
+                "light": ThreadPoolExecutor(max_workers=1),
+            },
+            job_defaults={"misfire_grace_time": None, "coalesce": False, "max_instances": 1},
+            timezone=UTC,
+        )
+
+    def start(self, *, run_jobs: bool = True) -> list[str]:
+        """Start; re-queue what a dead process left running and schedule every queued job again.
+
+        ``run_jobs=False`` keeps merges waiting (the queue still fills): for maintenance and tests.
+        """
+        requeued = self.store.requeue_running()
+        if requeued:
+            log.info("re-queued %d job(s) left running by a previous process", len(requeued))
+        _RUNNERS[self._key] = self._runner
+        self._run_jobs = run_jobs
+        self.scheduler.start()
+        for job in self.store.all(states=("queued",)):
+            self.schedule(job.id)
+        return requeued
+
+    def schedule(self, job_id: str) -> None:
+        """Have ``job_id`` run when the executor is free (held back while merges are paused)."""
+        extra: dict[str, Any] = {} if self._run_jobs else {"next_run_time": None}
+        self.scheduler.add_job(
+            run_registered,
+            **extra,
+            args=(self._key, job_id),
+            id=job_id,
+            replace_existing=True,
+            jobstore="default",
+            executor="default",
+            name=f"merge {job_id}",
+        )
+
+    def unschedule(self, job_id: str) -> None:
+        if self.scheduler.get_job(job_id, jobstore="default") is not None:
+            self.scheduler.remove_job(job_id, jobstore="default")
+
+    def submit_light(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` soon on the light executor (not persisted)."""
+        self.scheduler.add_job(fn, args=args, jobstore="memory", executor="light")
+
+    def every(self, seconds: float, fn: Callable[[], None], name: str) -> None:
+        self.scheduler.add_job(
+            fn,
+            "interval",
+            seconds=seconds,
+            jobstore="memory",
+            executor="light",
+            id=name,
+            replace_existing=True,
+        )
+
+    def resume(self) -> None:
+        """Let held-back merges run."""
+        self._run_jobs = True
+        for job in self.scheduler.get_jobs(jobstore="default"):
+            job.resume()
+
+    def stop(self, wait: bool = True) -> None:
+        _RUNNERS.pop(self._key, None)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=wait)

@@ -1,0 +1,291 @@
+"""The bot: webhook events and polls -> commands -> jobs, and the replies in discussions.
+
+It wires one :class:`~bot.hub.Hub`, one :class:`~bot.jobs.JobStore`, one
+:class:`~bot.jobs.JobQueue` and one :class:`~bot.worker.Worker`. Deliveries are recorded
+(de-duplicated) at once and handled on the queue's light executor, so the webhook answers fast.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import yaml
+
+from bot import commands as cmd
+from bot.errors import BotError, DestinationError, JobNotFound, QuotaError
+from bot.hub import DiscussionComment, Hub
+from bot.jobs import ACTIVE, Job, JobQueue, JobSpec, JobStore, ReportTo, make_engine
+from bot.settings import Settings
+from bot.webhooks import DiscussionEvent, RepoUpdate, delivery_key, parse_event
+from bot.worker import Worker, _walk_models, hub_repo, preflight, queued_text
+from engine import MergeError, RecipeError
+
+log = logging.getLogger(__name__)
+
+
+def user_message(exc: Exception) -> str:
+    """The one table that turns errors into discussion replies."""
+    if isinstance(exc, RecipeError):
+        return f"❌ I could not use that recipe.\n\n```\n{exc}\n```\n\nNothing was queued; fix the recipe and ask again."
+    if isinstance(exc, MergeError | BotError):
+        return f"❌ {exc}\n\nNothing was queued."
+    return "❌ Something went wrong on my side; nothing was queued. The bot's operator has the details."
+
+
+class Bot:
+    """The service behind the webhook: start it, feed it deliveries, stop it."""
+
+    def __init__(self, settings: Settings, hub: Hub | None = None) -> None:
+        self.settings = settings
+        self.hub = hub or Hub(settings.hf_endpoint, settings.hf_token.get_secret_value())
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(make_engine(settings.database_url))
+        self.worker = Worker(settings, self.hub, self.store)
+        self.queue = JobQueue(self.store, settings.database_url, self.worker.run)
+        self.name = ""
+
+    @property
+    def requests_repo(self) -> str:
+        return self.settings.requests_repo or f"{self.name}/requests"
+
+    def start(self, *, run_jobs: bool = True) -> None:
+        """Start the queue (resuming interrupted jobs) and handle deliveries left unhandled."""
+        self.name = self.hub.whoami()
+        self.queue.start(run_jobs=run_jobs)
+        for key, payload in self.store.pending():
+            self.queue.submit_light(self.handle, key, payload)
+        if self.settings.poll_interval_s > 0:
+            self.queue.every(self.settings.poll_interval_s, self.poll, "mergebot-poll")
+        log.info("bot %s started against %s", self.name, self.settings.hf_endpoint)
+
+    def stop(self) -> None:
+        """Stop: a running merge stops at its next tensor and goes back to the queue."""
+        self.worker.stop()
+        self.queue.stop(wait=True)
+
+    # -- deliveries ---------------------------------------------------------------------
+
+    def receive(self, payload: dict[str, Any]) -> bool:
+        """Record a delivery and queue its handling; False for a duplicate (nothing is done)."""
+        parse_event(payload)  # rejects what is not a Hub payload before it is recorded
+        key = delivery_key(payload)
+        if not self.store.remember(key, payload):
+            return False
+        self.queue.submit_light(self.handle, key, payload)
+        return True
+
+    def handle(self, key: str, payload: dict[str, Any]) -> None:
+        """Handle one recorded delivery; it is marked done whatever happens (a bug must not loop)."""
+        try:
+            event = parse_event(payload)
+            if isinstance(event, DiscussionEvent):
+                self.on_discussion(event.repo_id, event.num, event.comment_id)
+            elif isinstance(event, RepoUpdate):
+                self.on_repo_update(event.repo_id, event.head_sha)
+        except Exception:
+            log.exception("delivery %s could not be handled", key)
+        finally:
+            self.store.mark_done(key)
+
+    def on_discussion(self, repo_id: str, num: int, comment_id: str | None) -> None:
+        """A new discussion (its opening post) or comment: read it and answer it if it is for the bot."""
+        details = self.hub.discussion(repo_id, num)
+        if not details.comments:
+            return
+        comment = (
+            details.comments[0]
+            if comment_id is None
+            else next((c for c in details.comments if c.id == comment_id), None)
+        )
+        if comment is None:
+            return
+        self.on_comment(repo_id, num, comment)
+
+    def on_comment(self, repo_id: str, num: int, comment: DiscussionComment) -> None:
+        command = cmd.parse(comment.content, self.name, author=comment.author)
+        if command is None or not self.store.remember(f"comment:{comment.id}"):
+            return
+        try:
+            reply = self.execute(command, repo_id, num, comment)
+        except (BotError, MergeError) as exc:
+            reply = user_message(exc)
+        except Exception as exc:
+            log.exception("command in %s #%d failed", repo_id, num)
+            reply = user_message(exc)
+        if reply:
+            self.hub.comment(repo_id, num, reply)
+
+    # -- commands -----------------------------------------------------------------------
+
+    def execute(self, command: cmd.Command, repo_id: str, num: int, comment: DiscussionComment) -> str | None:
+        """Run one command; returns the reply to post (None when the job's status comment is the reply)."""
+        user = comment.author
+        if isinstance(command, cmd.Invalid):
+            return f"🤔 I did not understand that: {command.problem}\n\n{cmd.usage(self.name)}"
+        if isinstance(command, cmd.Help):
+            return cmd.usage(self.name)
+        if isinstance(command, cmd.Status):
+            return self._status(user)
+        if isinstance(command, cmd.Cancel):
+            return self._cancel(user, command.job_id, repo_id, num)
+        if isinstance(command, cmd.Merge):
+            self._merge(command, user, ReportTo(repo_id=repo_id, num=num), comment.id)
+            return None
+        if isinstance(command, cmd.Remerge):
+            self._remerge(repo_id, user, ReportTo(repo_id=repo_id, num=num), comment.id)
+            return None
+        raise AssertionError(f"unhandled command {command!r}")
+
+    def _merge(self, command: cmd.Merge, user: str, report: ReportTo, source: str) -> Job:
+        if self.store.active_count(user) >= self.settings.max_jobs_per_user:
+            raise QuotaError(user, self.settings.max_jobs_per_user)
+        destination = f"{self.name}/{command.name}"
+        if self.store.active_for(destination) or self.hub.repo_exists(destination):
+            raise DestinationError(f"`{destination}` already exists; choose another `--name`.")
+        pre = preflight(
+            self.hub,
+            command.recipe,
+            accept_license=command.accept_license,
+            name=command.name,
+            endpoint=self.settings.hf_endpoint,
+            token=self.settings.hf_token.get_secret_value(),
+        )
+        spec = JobSpec(
+            kind="merge",
+            requester=user,
+            destination=destination,
+            recipe_yaml=pre.config.to_yaml(),
+            parents={repo: f.sha for repo, f in pre.facts.items()},
+            private=command.private,
+            accept_license=command.accept_license,
+            report=report,
+            source_comment=source,
+        )
+        return self._enqueue(spec, pre.summary())
+
+    def _remerge(self, repo_id: str, user: str | None, report: ReportTo | None, source: str | None) -> Job:
+        previous = next((j for j in self.store.latest_results() if j.spec.destination == repo_id), None)
+        if previous is None:
+            raise DestinationError(f"`{repo_id}` is not a merge I made, so I cannot re-merge it.")
+        if self.store.active_for(repo_id):
+            raise DestinationError(f"A job for `{repo_id}` is already waiting or running.")
+        unpinned = yaml.safe_dump(
+            _walk_models(yaml.safe_load(previous.spec.recipe_yaml), lambda ref: hub_repo(ref)[0]),
+            sort_keys=False,
+        )
+        pre = preflight(
+            self.hub,
+            unpinned,
+            accept_license=previous.spec.accept_license,
+            name=repo_id.split("/")[-1],
+            endpoint=self.settings.hf_endpoint,
+            token=self.settings.hf_token.get_secret_value(),
+        )
+        spec = previous.spec.model_copy(
+            update={
+                "kind": "remerge",
+                "recipe_yaml": pre.config.to_yaml(),
+                "parents": {repo: f.sha for repo, f in pre.facts.items()},
+                "report": report if report is not None else previous.spec.report,
+                "source_comment": source,
+                "requester": user or previous.spec.requester,
+            }
+        )
+        return self._enqueue(spec, pre.summary())
+
+    def _enqueue(self, spec: JobSpec, summary: str) -> Job:
+        job = self.store.add(spec)
+        if spec.report is not None:
+            text = queued_text(job.id, self.store.queue_position(job.id), summary)
+            try:
+                self.store.set_status_comment(
+                    job.id, self.hub.comment(spec.report.repo_id, spec.report.num, text)
+                )
+            except BotError as exc:
+                log.warning("job %s: status comment not posted: %s", job.id, exc)
+        self.queue.schedule(job.id)
+        log.info("job %s queued: %s for %s", job.id, spec.destination, spec.requester)
+        return job
+
+    def _status(self, user: str) -> str:
+        jobs = self.store.all(requester=user)[-10:]
+        if not jobs:
+            return f"@{user} has no jobs. {cmd.usage(self.name).splitlines()[0]}"
+        lines = [f"Jobs of @{user} (latest {len(jobs)}):", "", "| job | repo | state |", "|---|---|---|"]
+        for job in jobs:
+            state: str = job.state
+            if job.state == "queued":
+                state = f"queued (position {self.store.queue_position(job.id)})"
+            elif job.state == "running":
+                state = f"running ({round(100 * job.progress)}%)"
+            elif job.state == "failed":
+                state = f"failed: {(job.reason or '').splitlines()[0][:120]}"
+            lines.append(f"| `{job.id}` | {job.spec.destination} | {state} |")
+        return "\n".join(lines)
+
+    def _cancel(self, user: str, job_id: str | None, repo_id: str, num: int) -> str:
+        if job_id is None:
+            mine = [
+                j
+                for j in self.store.all(requester=user, states=ACTIVE)
+                if j.spec.report == ReportTo(repo_id=repo_id, num=num)
+            ]
+            if not mine:
+                return f"@{user} has no waiting or running job started in this discussion."
+            job_id = mine[-1].id
+        job = self.store.get(job_id)
+        if job is None or job.spec.requester != user:
+            raise JobNotFound(job_id)
+        was = self.store.cancel(job_id)
+        if was == "queued":
+            self.queue.unschedule(job_id)
+            if job.spec.report is not None and job.status_comment:
+                try:
+                    self.hub.edit_comment(
+                        job.spec.report.repo_id,
+                        job.spec.report.num,
+                        job.status_comment,
+                        f"🛑 Job `{job_id}` was cancelled before it started.",
+                    )
+                except BotError as exc:
+                    log.warning("job %s: status comment not updated: %s", job_id, exc)
+            return f"Cancelled job `{job_id}`."
+        if was == "running":
+            return f"Job `{job_id}` is stopping; nothing will be published."
+        return f"Job `{job_id}` is already {was}."
+
+    # -- parents ------------------------------------------------------------------------
+
+    def on_repo_update(self, repo_id: str, head_sha: str | None) -> list[Job]:
+        """A watched repo moved: re-merge every result that used it at an older commit."""
+        started = []
+        for previous in self.store.latest_results():
+            pinned = previous.spec.parents.get(repo_id)
+            if pinned is None or pinned == head_sha:
+                continue
+            if any(
+                j.spec.parents.get(repo_id) == head_sha for j in self.store.all_for(previous.spec.destination)
+            ):
+                continue  # already re-merged (or tried) at this commit
+            if self.store.active_for(previous.spec.destination):
+                continue
+            try:
+                started.append(self._remerge(previous.spec.destination, None, None, None))
+            except (BotError, MergeError) as exc:
+                log.warning("re-merge of %s after %s moved: %s", previous.spec.destination, repo_id, exc)
+        return started
+
+    def poll(self) -> None:
+        """Catch what webhooks missed: moved parents, and commands in the requests repo."""
+        try:
+            parents = {repo for job in self.store.latest_results() for repo in job.spec.parents}
+            for repo in sorted(parents):
+                head = self.hub.head_sha(repo)
+                if head is not None:
+                    self.on_repo_update(repo, head)
+            for num in self.hub.open_discussions(self.requests_repo):
+                for comment in self.hub.discussion(self.requests_repo, num).comments:
+                    self.on_comment(self.requests_repo, num, comment)
+        except Exception:
+            log.exception("poll failed")

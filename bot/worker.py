@@ -1,0 +1,302 @@
+"""Runs one job: preflight, merge (shards uploaded as they are written), card, one commit, report.
+
+The status comment is ONE comment in the requester's discussion, edited as the job moves:
+queued (with its place), running (percent, throttled), done (link) or failed (reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bot.cards import build_context, render_card
+from bot.errors import BotError, JobCancelled, JobInterrupted, LicenseRefused, PreflightError
+from bot.hub import Hub, RepoFacts
+from bot.jobs import Job, JobStore
+from bot.licenses import LicenseVerdict, ParentLicense, decide
+from bot.settings import Settings
+from engine import MergeConfig, MergeError, MergeOptions, build_plan, load_recipe, run_merge
+from engine.check import audit_models, raise_for_audit
+from engine.run import OpenModels
+from engine.sources.hub import parse_hub_reference
+
+log = logging.getLogger(__name__)
+
+# Assumed throughput for the time estimate: range reads from the Hub dominate a CPU merge.
+READ_BYTES_PER_S = 50_000_000
+MODEL_KEYS = ("model", "base_model", "tokenizer_source")
+
+
+def job_marker(job_id: str) -> str:
+    """The text a job's commit carries, so a restarted job finds its own push."""
+    return f"mergebot-job: {job_id}"
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """Facts gathered before any tensor is read."""
+
+    config: MergeConfig  # with every parent pinned to its commit
+    facts: Mapping[str, RepoFacts]  # repo id -> facts at that commit, base first
+    verdict: LicenseVerdict
+    bytes_to_read: int
+    bytes_to_write: int
+
+    @property
+    def seconds_estimate(self) -> float:
+        return self.bytes_to_read / READ_BYTES_PER_S
+
+    def summary(self) -> str:
+        mb = self.bytes_to_write / 1e6
+        return f"about {mb:.1f} MB to write, roughly {max(1, round(self.seconds_estimate))} s of merging"
+
+
+def _walk_models(data: Any, fn: Callable[[str], str]) -> Any:
+    if isinstance(data, dict):
+        return {
+            k: (fn(v) if k in MODEL_KEYS and isinstance(v, str) and v != "base" else _walk_models(v, fn))
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [_walk_models(v, fn) for v in data]
+    return data
+
+
+def hub_repo(reference: str) -> tuple[str, str | None]:
+    """The Hub repo and revision a recipe reference names.
+
+    Raises:
+        PreflightError: it is a local path, or not an ``org/name`` id (the bot reads only Hub repos).
+    """
+    parsed = parse_hub_reference(reference)
+    if parsed is None or reference.startswith((".", "/", "~")) or os.path.exists(reference):
+        raise PreflightError(
+            f"`{reference}` is not a Hub repo id; the bot merges Hub repos (`org/name`) only."
+        )
+    return parsed
+
+
+def preflight(
+    hub: Hub, recipe: str | MergeConfig, *, accept_license: bool, name: str, endpoint: str, token: str
+) -> Preflight:
+    """Validate a recipe against the Hub: parents exist and agree, licences allow the merge.
+
+    Raises:
+        engine.RecipeError: the recipe is invalid. PreflightError: a parent cannot be read or
+        the models disagree. LicenseRefused: the licences forbid the merge.
+    """
+    config = recipe if isinstance(recipe, MergeConfig) else load_recipe(recipe)
+    facts: dict[str, RepoFacts] = {}
+    pins: dict[str, str] = {}
+    for ref in config.referenced_models():
+        repo_id, revision = hub_repo(ref)
+        f = hub.repo_facts(repo_id, revision)
+        previous = facts.get(repo_id)
+        if previous is not None and previous.sha != f.sha:
+            raise PreflightError(f"`{repo_id}` is named at two different revisions; use one.")
+        facts[repo_id] = f
+        pins[ref] = f"{repo_id}@{f.sha}"
+    pinned_yaml = yaml.safe_dump(
+        _walk_models(yaml.safe_load(config.to_yaml()), lambda ref: pins.get(ref, ref)), sort_keys=False
+    )
+    pinned = load_recipe(pinned_yaml)
+    verdict = decide(
+        [
+            ParentLicense(f.repo_id, f.license, f.license_name, f.license_link, f.gated)
+            for f in facts.values()
+        ],
+        accept_license=accept_license,
+        model_name=name,
+    )
+    if not verdict.allowed:
+        raise LicenseRefused(tuple(r for r in verdict.reasons))
+    options = MergeOptions(hub_endpoint=endpoint, hub_token=token, device="cpu")
+    try:
+        with OpenModels(pinned, options) as opened:
+            metadata = opened.metadata()
+            raise_for_audit(audit_models(pinned, metadata))
+            plan = build_plan(pinned, metadata)
+    except MergeError as exc:
+        raise PreflightError(str(exc)) from None
+    return Preflight(pinned, facts, verdict, plan.bytes_to_read, plan.bytes_to_write)
+
+
+class StatusComment:
+    """The one comment a job edits as it moves; no-op for jobs with no discussion."""
+
+    def __init__(self, hub: Hub, store: JobStore, job: Job, interval_s: float) -> None:
+        self._hub = hub
+        self._store = store
+        self._job = job
+        self._comment = job.status_comment
+        self._interval = interval_s
+        self._last = 0.0
+
+    def show(self, text: str, *, force: bool = True) -> None:
+        report = self._job.spec.report
+        if report is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < self._interval:
+            return
+        self._last = now
+        try:
+            if self._comment is None:
+                self._comment = self._hub.comment(report.repo_id, report.num, text)
+                self._store.set_status_comment(self._job.id, self._comment)
+            else:
+                self._hub.edit_comment(report.repo_id, report.num, self._comment, text)
+        except BotError as exc:  # a report that cannot be written must not fail the merge
+            log.warning("job %s: status comment not updated: %s", self._job.id, exc)
+        except Exception as exc:  # e.g. the Hub unreachable: say what, not the request (no headers)
+            log.warning("job %s: status comment not updated (%s)", self._job.id, type(exc).__name__)
+
+
+def queued_text(job_id: str, position: int | None, summary: str = "") -> str:
+    where = f" (position {position} in the queue)" if position else ""
+    more = f"\n\nPreflight passed: {summary}." if summary else ""
+    return f"⏳ Job `{job_id}` is queued{where}.{more}"
+
+
+class Worker:
+    """Runs jobs from the store, one call per job."""
+
+    def __init__(self, settings: Settings, hub: Hub, store: JobStore) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.store = store
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Make a running merge stop at its next tensor; its job goes back to the queue."""
+        self._stopping.set()
+
+    def run(self, job_id: str) -> None:
+        """Run ``job_id`` to the end if it is queued (else do nothing). Never raises."""
+        try:
+            self._run_claimed(job_id)
+        except Exception:  # the store itself failed: the job stays `running` and is re-queued on restart
+            log.exception("job %s could not be run", job_id)
+
+    def _run_claimed(self, job_id: str) -> None:
+        if not self.store.claim(job_id):
+            return
+        self.refresh_positions()
+        job = self.store.get(job_id)
+        assert job is not None
+        status = StatusComment(self.hub, self.store, job, self.settings.progress_interval_s)
+        # The comment is written before the state, so whoever sees a finished job also sees its report.
+        try:
+            commit = self._run(job, status)
+        except JobInterrupted:
+            status.show(f"⏸️ Job `{job.id}` was interrupted by a restart of the bot; it will start again.")
+            self.store.requeue(job.id)
+        except JobCancelled:
+            status.show(f"🛑 Job `{job.id}` was cancelled; nothing was published.")
+            self.store.finish(job.id, "cancelled", reason="cancelled by the requester")
+        except (BotError, MergeError) as exc:
+            status.show(f"❌ Job `{job.id}` failed: {exc}\n\nNothing was published.")
+            self.store.finish(job.id, "failed", reason=str(exc))
+        except Exception:
+            log.exception("job %s failed with an unexpected error", job.id)
+            status.show(
+                f"❌ Job `{job.id}` failed with an internal error; the bot's operator has the details."
+            )
+            self.store.finish(job.id, "failed", reason="internal error")
+        else:
+            url = self.hub.repo_url(job.spec.destination)
+            status.show(
+                f"✅ Job `{job.id}` is done: [{job.spec.destination}]({url}) (commit `{commit[:12]}`)."
+            )
+            self.store.finish(job.id, "succeeded", commit=commit)
+
+    def refresh_positions(self, limit: int = 20) -> None:
+        """The queue moved: show each waiting job's new place in its status comment (the first ``limit``)."""
+        for waiting in self.store.all(states=("queued",))[:limit]:
+            if waiting.status_comment is not None:
+                StatusComment(self.hub, self.store, waiting, 0).show(
+                    queued_text(waiting.id, self.store.queue_position(waiting.id))
+                )
+
+    def _run(self, job: Job, status: StatusComment) -> str:
+        if self._stopping.is_set():
+            raise JobInterrupted(job.id)
+        spec = job.spec
+        marker = job_marker(job.id)
+        pushed = self.hub.commit_with_marker(spec.destination, marker)
+        if pushed is not None:  # a previous process pushed, then died before recording it
+            log.info("job %s was already pushed as %s", job.id, pushed.oid)
+            return pushed.oid
+        status.show(f"⚙️ Job `{job.id}` is running: checking the parents…")
+        token = self.settings.hf_token.get_secret_value()
+        name = spec.destination.split("/")[-1]
+        pre = preflight(
+            self.hub,
+            spec.recipe_yaml,
+            accept_license=spec.accept_license,
+            name=name,
+            endpoint=self.settings.hf_endpoint,
+            token=token,
+        )
+        lineage = self.hub.lineage(list(pre.facts), self.settings.lineage_depth)
+        self.settings.work_dir.mkdir(parents=True, exist_ok=True)
+        last_check = [0.0]
+
+        def progress(done: int, total: int, _: str) -> None:
+            if self._stopping.is_set():
+                raise JobInterrupted(job.id)
+            now = time.monotonic()
+            if now - last_check[0] >= 0.5 or done == total:
+                last_check[0] = now
+                current = self.store.get(job.id)
+                if current is not None and current.cancel_requested:
+                    raise JobCancelled(job.id)
+                self.store.set_progress(job.id, done / total)
+            status.show(f"⚙️ Job `{job.id}` is running: {100 * done // total}% merged.", force=False)
+
+        with (
+            tempfile.TemporaryDirectory(prefix=f"job-{job.id}-", dir=self.settings.work_dir) as tmp,
+            self.hub.publication(spec.destination, private=spec.private, gated=pre.verdict.gated) as pub,
+        ):
+            out = Path(tmp) / "out"
+            run_merge(
+                pre.config,
+                out,
+                options=MergeOptions(
+                    hub_endpoint=self.settings.hf_endpoint,
+                    hub_token=token,
+                    device=self.settings.device,
+                    out_shard_size=self.settings.shard_bytes,
+                ),
+                progress=progress,
+                on_shard=lambda path: pub.upload_now(os.path.basename(path), Path(path)),
+            )
+            staged = set(pub.staged)
+            for file in sorted(out.iterdir()):
+                if file.name not in staged and file.is_file():
+                    pub.add(file.name, file)
+            context = build_context(
+                repo_id=spec.destination,
+                requester=spec.requester,
+                bot_name=self.hub.whoami(),
+                hub_url=self.hub.endpoint,
+                method=pre.config.merge_method,
+                recipe_yaml=pre.config.to_yaml(),
+                facts=pre.facts,
+                lineage=lineage,
+                verdict=pre.verdict,
+                job_id=job.id,
+            )
+            pub.add("README.md", render_card(context).encode())
+            parents = "\n".join(f"- {repo}@{f.sha}" for repo, f in pre.facts.items())
+            title = f"{'Re-merge' if spec.kind == 'remerge' else 'Merge'} {name} ({marker})"
+            return pub.commit(title, f"Requested by @{spec.requester}.\n\nParents:\n{parents}\n\n{marker}")
