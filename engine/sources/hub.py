@@ -66,6 +66,10 @@ class HubModel:
             ) from None
         except HfHubHTTPError as exc:
             raise ModelNotFoundError(reference, f"the Hub answered {exc.response.status_code}") from None
+        except Exception as exc:  # connection refused, DNS, TLS, timeouts: whatever the HTTP stack raises
+            raise ModelNotFoundError(
+                reference, f"the Hub could not be reached ({type(exc).__name__}: {exc})"
+            ) from None
         self.revision: str = info.sha or (revision or "main")
         self._sizes = {s.rfilename: (s.size or 0) for s in info.siblings or []}
         self._fs = HfFileSystem(endpoint=endpoint, token=token)
@@ -165,14 +169,19 @@ class HubModel:
     def _fetch(self, path: str, start: int, end: int) -> bytes:
         """Exactly bytes [start, end) of one file, as one range request (no read-ahead cache)."""
         with self._lock:
-            handle = self._handles.get(path)
-            if handle is None:
-                handle = self._fs.open(
-                    f"{self.repo_id}/{path}", "rb", revision=self.revision, cache_type="none"
-                )
-                self._handles[path] = handle
-            handle.seek(start)
-            data: bytes = handle.read(end - start)
+            try:
+                handle = self._handles.get(path)
+                if handle is None:
+                    handle = self._fs.open(
+                        f"{self.repo_id}/{path}", "rb", revision=self.revision, cache_type="none"
+                    )
+                    self._handles[path] = handle
+                handle.seek(start)
+                data: bytes = handle.read(end - start)
+            except Exception as exc:  # HTTP or connection failure mid-merge: name the file, not a traceback
+                raise ModelNotFoundError(
+                    self.reference, f"reading {path} from the Hub failed ({type(exc).__name__}: {exc})"
+                ) from None
             self.bytes_fetched += len(data)
         if len(data) != end - start:
             raise SafetensorsFormatError(
