@@ -24,10 +24,18 @@ from bot.hub import Hub, RepoFacts
 from bot.jobs import Job, JobStore
 from bot.licenses import LicenseVerdict, ParentLicense, decide
 from bot.settings import Settings
-from engine import MergeConfig, MergeError, MergeOptions, build_plan, load_recipe, run_merge
-from engine.check import audit_models, raise_for_audit
-from engine.run import OpenModels
-from engine.sources.hub import parse_hub_reference
+from engine import (
+    MergeConfig,
+    MergeError,
+    MergeOptions,
+    OpenModels,
+    audit_models,
+    build_plan,
+    load_recipe,
+    parse_hub_reference,
+    raise_for_audit,
+    run_merge,
+)
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Usable on its own::
     run_merge(load_recipe("recipe.yml"), "out/", options=MergeOptions(seed=0))
 """
 
-from engine.check import ModelReport, audit_models
+from engine.check import Audit, ModelReport, audit_models, raise_for_audit
 from engine.config import MergeConfig, load_recipe, validate_recipe
 from engine.errors import (
     IncompatibleModelsError,
@@ -19,10 +19,12 @@ from engine.errors import (
 )
 from engine.methods import METHODS, get_method
 from engine.plan import MergePlan, build_plan
-from engine.run import MergeOptions, MergeResult, plan_merge, run_merge
+from engine.run import MergeOptions, MergeResult, OpenModels, plan_merge, run_merge
+from engine.sources.hub import parse_hub_reference
 
 __all__ = [
     "METHODS",
+    "Audit",
     "IncompatibleModelsError",
     "MergeConfig",
     "MergeError",
@@ -31,6 +33,7 @@ __all__ = [
     "MergeResult",
     "ModelNotFoundError",
     "ModelReport",
+    "OpenModels",
     "OutputError",
     "RecipeError",
     "SafetensorsFormatError",
@@ -39,7 +42,9 @@ __all__ = [
     "build_plan",
     "get_method",
     "load_recipe",
+    "parse_hub_reference",
     "plan_merge",
+    "raise_for_audit",
     "run_merge",
     "validate_recipe",
 ]

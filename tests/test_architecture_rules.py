@@ -47,6 +47,10 @@ def test_engine_public_api_is_deliberate() -> None:
     assert sorted(engine.__all__) == sorted(
         [
             "METHODS",
+            "Audit",
+            "OpenModels",
+            "parse_hub_reference",
+            "raise_for_audit",
             "IncompatibleModelsError",
             "MergeConfig",
             "MergeError",
