@@ -49,8 +49,9 @@ def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
 
 def rescale_l1(original: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale ``kept`` in place so its L1 norm equals ``original``'s (skipped for ~zero norms)."""
-    before = float(original.abs().sum(dtype=torch.float64))
-    after = float(kept.abs().sum(dtype=torch.float64))
+    # float64 accumulation: a float32 sum of millions of terms drifts by ~1e-4, a systematic scale error
+    before = float(torch.linalg.vector_norm(original, 1, dtype=torch.float64))
+    after = float(torch.linalg.vector_norm(kept, 1, dtype=torch.float64))
     if before < eps or after < eps:
         return kept
     return kept.mul_(before / after)

@@ -69,11 +69,11 @@ def generalized_task_arithmetic(
         del delta
 
     if consensus is not None:
-        positive = _elect_sign(weighted, consensus) > 0  # [*shape]
+        elected = _elect_sign(weighted, consensus)  # [*shape], +1 or -1
         merged = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
         for row, weight in zip(weighted, weights, strict=True):  # one model at a time: small working set
-            agree = torch.where(positive, row > 0, row < 0)
+            agree = (row * elected) > 0  # same sign as elected; a zero delta never takes part
             merged.add_(row * agree)
             divisor.add_(agree, alpha=weight)
         divisor[divisor == 0] = 1.0
