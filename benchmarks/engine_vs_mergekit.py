@@ -256,6 +256,7 @@ def bench_method(method: str, models: dict[str, Path], runs: int, work: Path) ->
     for r in range(runs):
         for _ in range(per_round):
             result.floor_s.append(io_floor(inputs, out_bytes, work))
+            print(f"[{method}] run {r + 1}/{runs} I/O floor {result.floor_s[-1]:8.2f} s", flush=True)
         order: tuple[Tool, ...] = ("mergebot", "mergekit") if r % 2 == 0 else ("mergekit", "mergebot")
         for tool in order:
             if tool in failed:
