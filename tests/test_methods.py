@@ -227,3 +227,38 @@ def test_every_method_declares_documented_parameters() -> None:
         assert spec.reference.startswith("https://")
         for p in spec.params:
             assert p.doc, f"{spec.name}.{p.name} needs a description"
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_two_pass_ties_equals_the_whole_tensor_formula(
+    monkeypatch: pytest.MonkeyPatch, rescale: bool, normalize: bool
+) -> None:
+    """The sliced TIES pass gives the one-shot formula's numbers, ties at the cut included."""
+    import engine.methods.task_arithmetic as ta
+
+    monkeypatch.setattr(ta, "SLICE", 37)  # many ragged slices
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(40, 30, generator=g)
+    # bf16-quantized deltas: many exactly equal magnitudes, so the cut falls inside a run of ties
+    models = [base + (0.02 * torch.randn(40, 30, generator=g)).to(torch.bfloat16).float() for _ in range(3)]
+    weights, densities = [0.5, -0.3, 0.8], [0.3, 0.55, 0.9]
+    call_ = MergeCall(
+        tensors=[base, *models],
+        base_index=0,
+        params={"normalize": normalize, "lambda": 0.7, "rescale": rescale, "int8_mask": False},
+        input_params=[{}, *({"weight": w, "density": d} for w, d in zip(weights, densities, strict=True))],
+        seeds=[0, 1, 2, 3],
+    )
+    got = ta.trim_elect_merge(call_, "sum")
+    rows = []
+    for m, w, d in zip(models, weights, densities, strict=True):
+        rows.append(magnitude(m - base, d, rescale) * w)
+    stacked = torch.stack(rows)
+    elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agree = (stacked * elected) > 0
+    merged = (stacked * agree).sum(0)
+    divisor = (torch.tensor(weights).reshape(-1, 1, 1) * agree).sum(0)
+    divisor[divisor == 0] = 1.0
+    expected = (merged / divisor if normalize else merged) * 0.7 + base
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)

@@ -22,6 +22,8 @@ which is closer to the exact result.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -39,6 +41,134 @@ def _elect_sign(weighted: torch.Tensor, method: Literal["sum", "count"]) -> torc
     return torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
 
 
+SLICE = 1 << 18  # elements per slice of the second pass: a few hundred KiB per model, cache-resident
+
+
+@dataclass(frozen=True)
+class _Trim:
+    """Which entries of one task vector survive a top-k trim, and by how much they are scaled."""
+
+    threshold: float  # keep |delta| > threshold ...
+    last_tie: int  # ... and |delta| == threshold at flat positions <= last_tie (-1: none)
+    scale: float  # L1 rescale factor (1.0 when off)
+    keep_all: bool
+
+
+def _plan_trim(delta: torch.Tensor, density: float, rescale: bool) -> _Trim:
+    """First pass over one full task vector: the exact top-k cut (see ``sparsify.topk_mask``)."""
+    n = delta.numel()
+    if density >= 1 or n == 0:
+        return _Trim(0.0, -1, 1.0, True)
+    k = max(1, int(density * n))
+    magnitude_ = delta.abs().reshape(-1)
+    threshold = torch.kthvalue(magnitude_, n - k + 1).values
+    above = magnitude_ > threshold
+    missing = k - int(torch.count_nonzero(above))
+    last_tie = -1
+    if missing > 0:
+        last_tie = int(torch.nonzero(magnitude_ == threshold).squeeze(1)[missing - 1])
+    scale = 1.0
+    if rescale:
+        keep = above
+        if last_tie >= 0:
+            keep = above | ((magnitude_ == threshold) & (torch.arange(n) <= last_tie))
+        before = float(torch.linalg.vector_norm(delta, 1, dtype=torch.float64))
+        after = float(torch.linalg.vector_norm(delta.reshape(-1)[keep], 1, dtype=torch.float64))
+        if before >= 1e-7 and after >= 1e-7:
+            scale = before / after
+    return _Trim(float(threshold), last_tie, scale, False)
+
+
+def trim_elect_merge(call: MergeCall, consensus: Consensus) -> torch.Tensor:
+    """TIES in two passes: exact cuts per model on whole tensors, then everything else by slices.
+
+    Same arithmetic as :func:`generalized_task_arithmetic` element by element, but after
+    the first pass every step is elementwise, so it runs over cache-sized slices spread on
+    the cores instead of a dozen full-size temporaries streaming through memory.
+    """
+    base = call.base
+    others = call.others()
+    weights = [float(call.input_params[i]["weight"]) for i in others]
+    rescale = bool(call.params["rescale"])
+
+    def first_pass(i: int) -> _Trim:
+        return _plan_trim(call.tensors[i] - base, float(call.input_params[i].get("density", 1.0)), rescale)
+
+    threads = torch.get_num_threads()
+    parallel = threads > 1 and base.device.type == "cpu" and base.numel() > SLICE
+    if parallel:  # one model per core, each single-threaded: selection does not parallelize well inside torch
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(
+                max_workers=min(threads, len(others)), thread_name_prefix="mergebot-trim"
+            ) as pool:
+                trims = list(pool.map(first_pass, others))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        trims = [first_pass(i) for i in others]
+    normalize = bool(call.params["normalize"])
+    scale = float(call.params["lambda"])
+    flat_base = base.reshape(-1)
+    flats = [call.tensors[i].reshape(-1) for i in others]
+    out = torch.empty_like(flat_base)
+    n = flat_base.numel()
+
+    def merge_slice(start: int) -> None:
+        end = min(start + SLICE, n)
+        b = flat_base[start:end]
+        positions = None
+        rows = []
+        for flat, trim, weight in zip(flats, trims, weights, strict=True):
+            d = flat[start:end] - b
+            if not trim.keep_all:
+                a = d.abs()
+                keep = a > trim.threshold
+                if trim.last_tie >= start:
+                    if positions is None:
+                        positions = torch.arange(start, end)
+                    keep |= (a == trim.threshold) & (positions <= trim.last_tie)
+                d = d * keep
+                if trim.scale != 1.0:
+                    d.mul_(trim.scale)
+            rows.append(d.mul_(weight))
+        merged = torch.zeros_like(b)
+        if consensus is not None:
+            votes = torch.zeros_like(b)
+            for d in rows:
+                votes.add_(d if consensus == "sum" else d.sign())
+            elected = torch.where(votes >= 0, 1.0, -1.0).to(b.dtype)
+            divisor = torch.zeros_like(b)
+            for d, weight in zip(rows, weights, strict=True):
+                agree = (d * elected) > 0
+                merged.add_(d * agree)
+                divisor.add_(agree, alpha=weight)
+            divisor[divisor == 0] = 1.0
+        else:
+            for d in rows:
+                merged.add_(d)
+            total = float(sum(weights))
+            divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, dtype=b.dtype)
+        if normalize:
+            merged /= divisor
+        if scale != 1.0:
+            merged *= scale
+        out[start:end] = merged.add_(b)
+
+    starts = range(0, n, SLICE)
+    if parallel:
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergebot-ties") as pool:
+                list(pool.map(merge_slice, starts))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        for start in starts:
+            merge_slice(start)
+    return out.reshape(base.shape)
+
+
 def generalized_task_arithmetic(
     call: MergeCall, sparsifier: Sparsifier, consensus: Consensus
 ) -> torch.Tensor:
@@ -46,6 +176,8 @@ def generalized_task_arithmetic(
     others = call.others()
     if not others:
         return base
+    if sparsifier == "magnitude":
+        return trim_elect_merge(call, consensus)
     weights = [float(call.input_params[i]["weight"]) for i in others]
     rescale = bool(call.params["rescale"])
     if sparsifier == "della_magprune":  # refuse before any work, whatever the tensor
