@@ -262,3 +262,13 @@ def test_two_pass_ties_equals_the_whole_tensor_formula(
     divisor[divisor == 0] = 1.0
     expected = (merged / divisor if normalize else merged) * 0.7 + base
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [1, 7, 150_000, 199_999, 200_000])
+def test_kth_largest_is_exact_on_big_tensors_with_ties(k: int) -> None:
+    from engine.methods.selection import kth_largest
+
+    g = torch.Generator().manual_seed(3)
+    values = (torch.randn(200_000, generator=g) * 0.02).to(torch.bfloat16).float().abs()
+    values[:20_000] = 0.0  # a long run of equal values
+    assert float(kth_largest(values, k)) == float(torch.kthvalue(values, values.numel() - k + 1).values)

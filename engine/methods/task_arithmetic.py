@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
+from engine.methods.selection import kth_largest
 from engine.methods.sparsify import bernoulli, check_della, della_magprune, magnitude, magnitude_outliers
 
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
@@ -55,25 +56,26 @@ class _Trim:
 
 
 def _plan_trim(delta: torch.Tensor, density: float, rescale: bool) -> _Trim:
-    """First pass over one full task vector: the exact top-k cut (see ``sparsify.topk_mask``)."""
+    """First pass over one full task vector: the exact top-k cut (see ``sparsify.topk_mask``).
+
+    Takes ownership of ``delta``: it is turned into magnitudes in place, so the pass holds
+    one full-size tensor (plus boolean masks), not several.
+    """
     n = delta.numel()
     if density >= 1 or n == 0:
         return _Trim(0.0, -1, 1.0, True)
     k = max(1, int(density * n))
-    magnitude_ = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(magnitude_, n - k + 1).values
-    above = magnitude_ > threshold
+    magnitudes = delta.abs_().reshape(-1)
+    threshold = kth_largest(magnitudes, k)
+    above = magnitudes > threshold
     missing = k - int(torch.count_nonzero(above))
     last_tie = -1
     if missing > 0:
-        last_tie = int(torch.nonzero(magnitude_ == threshold).squeeze(1)[missing - 1])
+        last_tie = int(torch.nonzero(magnitudes == threshold).squeeze(1)[missing - 1])
     scale = 1.0
-    if rescale:
-        keep = above
-        if last_tie >= 0:
-            keep = above | ((magnitude_ == threshold) & (torch.arange(n) <= last_tie))
-        before = float(torch.linalg.vector_norm(delta, 1, dtype=torch.float64))
-        after = float(torch.linalg.vector_norm(delta.reshape(-1)[keep], 1, dtype=torch.float64))
+    if rescale:  # L1 norms: the magnitudes' sums, before and after the cut
+        before = float(torch.linalg.vector_norm(magnitudes, 1, dtype=torch.float64))
+        after = float(magnitudes[above].sum(dtype=torch.float64)) + max(missing, 0) * float(threshold)
         if before >= 1e-7 and after >= 1e-7:
             scale = before / after
     return _Trim(float(threshold), last_tie, scale, False)
