@@ -272,3 +272,32 @@ def test_kth_largest_is_exact_on_big_tensors_with_ties(k: int) -> None:
     values = (torch.randn(200_000, generator=g) * 0.02).to(torch.bfloat16).float().abs()
     values[:20_000] = 0.0  # a long run of equal values
     assert float(kth_largest(values, k)) == float(torch.kthvalue(values, values.numel() - k + 1).values)
+
+
+@pytest.mark.parametrize("consensus", [None, "sum"])
+def test_sliced_dare_equals_the_whole_tensor_formula(consensus: str | None) -> None:
+    """DARE's masks are drawn per block, so slices and the whole tensor see the same draws."""
+    import engine.methods.task_arithmetic as ta
+
+    g = torch.Generator().manual_seed(11)
+    n = 3 * ta.SLICE + 1234  # several slices, the last one ragged
+    base = torch.randn(n, generator=g)
+    models = [base + 0.01 * torch.randn(n, generator=g) for _ in range(2)]
+    weights, densities, seeds = [0.6, 0.5], [0.3, 0.7], [101, 202]
+    call_ = MergeCall(
+        tensors=[base, *models],
+        base_index=0,
+        params={"normalize": False, "lambda": 1.0, "rescale": True, "int8_mask": False},
+        input_params=[{}, *({"weight": w, "density": d} for w, d in zip(weights, densities, strict=True))],
+        seeds=[0, *seeds],
+    )
+    got = ta.sparse_merge_by_slices(call_, "random", consensus)  # type: ignore[arg-type]
+    rows = torch.stack(
+        [bernoulli(m - base, d, True, s) * w for m, w, d, s in zip(models, weights, densities, seeds, strict=True)]
+    )
+    if consensus is None:
+        expected = rows.sum(0) + base
+    else:
+        agree = (rows * torch.where(rows.sum(0) >= 0, 1.0, -1.0)) > 0
+        expected = (rows * agree).sum(0) + base
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)

@@ -66,6 +66,30 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tenso
     return rescale_l1(delta, kept) if rescale else kept
 
 
+DRAW_BLOCK = 1 << 18  # random draws come in blocks with their own seeds, so any block can be redrawn alone
+
+
+def block_seed(seed: int, start: int) -> int:
+    """The seed of the block of draws that begins at flat position ``start``."""
+    return (seed * 0x9E3779B97F4A7C15 + start) % (1 << 63)
+
+
+def uniform_draws(seed: int, start: int, count: int) -> torch.Tensor:
+    """Uniform [0, 1) draws for flat positions [start, start + count), ``start`` a block boundary.
+
+    Position p always gets the same draw for the same seed, whether the tensor is drawn
+    whole or slice by slice, in any order, on any thread.
+    """
+    if start % DRAW_BLOCK:
+        raise ValueError(f"draws must start on a block boundary, not at {start}")
+    blocks = []
+    for block in range(start, start + count, DRAW_BLOCK):
+        generator = torch.Generator(device="cpu").manual_seed(block_seed(seed, block))
+        size = min(DRAW_BLOCK, start + count - block)
+        blocks.append(torch.rand(size, generator=generator, dtype=torch.float32))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+
 def bernoulli(delta: torch.Tensor, density: float, rescale: bool, seed: int) -> torch.Tensor:
     """Keep each entry independently with probability ``density`` (DARE's random drop).
 
@@ -74,8 +98,7 @@ def bernoulli(delta: torch.Tensor, density: float, rescale: bool, seed: int) -> 
     """
     if density >= 1 or delta.numel() == 0:
         return delta
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
+    draws = uniform_draws(seed, 0, delta.numel()).reshape(delta.shape)
     kept = delta * (draws < density).to(delta.device)
     return rescale_l1(delta, kept) if rescale else kept
 
@@ -137,7 +160,6 @@ def della_magprune(
         relative = torch.full(rows.shape, 0.5, dtype=delta.dtype, device=rows.device)
     del ranks
     probs = relative.mul_(2 * epsilon).add_(density - epsilon).reshape(delta.shape)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
+    draws = uniform_draws(seed, 0, delta.numel()).reshape(delta.shape)
     kept = delta * (draws.to(delta.device) < probs)
     return rescale_l1(delta, kept) if rescale else kept

@@ -22,16 +22,26 @@ which is closer to the exact result.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Literal, TypeVar
 
 import torch
 
 from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
 from engine.methods.selection import kth_largest
-from engine.methods.sparsify import bernoulli, check_della, della_magprune, magnitude, magnitude_outliers
+from engine.methods.sparsify import (
+    DRAW_BLOCK,
+    bernoulli,
+    check_della,
+    della_magprune,
+    magnitude,
+    magnitude_outliers,
+    uniform_draws,
+)
 
+_T = TypeVar("_T")
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
 Consensus = Literal["sum", "count"] | None
 
@@ -42,20 +52,40 @@ def _elect_sign(weighted: torch.Tensor, method: Literal["sum", "count"]) -> torc
     return torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
 
 
-SLICE = 1 << 18  # elements per slice of the second pass: a few hundred KiB per model, cache-resident
+SLICE = DRAW_BLOCK  # elements per slice of the second pass: cache-resident, one block of random draws
 
 
 @dataclass(frozen=True)
-class _Trim:
-    """Which entries of one task vector survive a top-k trim, and by how much they are scaled."""
+class _Keep:
+    """Which entries of one task vector survive, and by how much the survivors are scaled.
 
-    threshold: float  # keep |delta| > threshold ...
-    last_tie: int  # ... and |delta| == threshold at flat positions <= last_tie (-1: none)
-    scale: float  # L1 rescale factor (1.0 when off)
-    keep_all: bool
+    ``magnitude``: |delta| > threshold, plus |delta| == threshold at flat positions <= last_tie.
+    ``random``: a Bernoulli(density) draw per entry, from a generator seeded per slice, so
+    any slice's mask can be drawn again, in any order, on any thread.
+    """
+
+    kind: Literal["all", "magnitude", "random"]
+    scale: float = 1.0  # L1 rescale factor (1.0 when off)
+    threshold: float = 0.0
+    last_tie: int = -1
+    density: float = 1.0
+    seed: int = 0
+
+    def mask(self, d: torch.Tensor, start: int) -> torch.Tensor | None:
+        """The keep mask of the slice of this task vector that begins at ``start`` (None: keep all)."""
+        if self.kind == "magnitude":
+            a = d.abs()
+            keep = a > self.threshold
+            if self.last_tie >= start:
+                positions = torch.arange(start, start + d.numel(), device=d.device)
+                keep |= (a == self.threshold) & (positions <= self.last_tie)
+            return keep
+        if self.kind == "random":
+            return (uniform_draws(self.seed, start, d.numel()) < self.density).to(d.device)
+        return None
 
 
-def _plan_trim(delta: torch.Tensor, density: float, rescale: bool) -> _Trim:
+def _plan_trim(delta: torch.Tensor, density: float, rescale: bool) -> _Keep:
     """First pass over one full task vector: the exact top-k cut (see ``sparsify.topk_mask``).
 
     Takes ownership of ``delta``: it is turned into magnitudes in place, so the pass holds
@@ -63,7 +93,7 @@ def _plan_trim(delta: torch.Tensor, density: float, rescale: bool) -> _Trim:
     """
     n = delta.numel()
     if density >= 1 or n == 0:
-        return _Trim(0.0, -1, 1.0, True)
+        return _Keep("all")
     k = max(1, int(density * n))
     magnitudes = delta.abs_().reshape(-1)
     threshold = kth_largest(magnitudes, k)
@@ -75,64 +105,103 @@ def _plan_trim(delta: torch.Tensor, density: float, rescale: bool) -> _Trim:
     scale = 1.0
     if rescale:  # L1 norms: the magnitudes' sums, before and after the cut
         before = float(torch.linalg.vector_norm(magnitudes, 1, dtype=torch.float64))
-        after = float(magnitudes[above].sum(dtype=torch.float64)) + max(missing, 0) * float(threshold)
-        if before >= 1e-7 and after >= 1e-7:
-            scale = before / after
-    return _Trim(float(threshold), last_tie, scale, False)
+        after = float(magnitudes[above].sum(dtype=torch.float64)) + missing * float(threshold)
+        scale = _l1_scale(before, after)
+    return _Keep("magnitude", scale, float(threshold), last_tie)
 
 
-def trim_elect_merge(call: MergeCall, consensus: Consensus) -> torch.Tensor:
-    """TIES in two passes: exact cuts per model on whole tensors, then everything else by slices.
+def _l1_scale(before: float, after: float, eps: float = 1e-7) -> float:
+    """mergekit's L1 rescale: survivors keep the task vector's L1 norm (skipped for ~zero norms)."""
+    return before / after if before >= eps and after >= eps else 1.0
 
-    Same arithmetic as :func:`generalized_task_arithmetic` element by element, but after
-    the first pass every step is elementwise, so it runs over cache-sized slices spread on
-    the cores instead of a dozen full-size temporaries streaming through memory.
+
+def sparse_merge_by_slices(call: MergeCall, sparsifier: Sparsifier, consensus: Consensus) -> torch.Tensor:
+    """TIES and DARE in two passes: what each task vector keeps first, then everything else by slices.
+
+    The first pass settles, per model, the exact top-k cut (TIES) or the L1 norms under the
+    random mask (DARE); after it every step is elementwise, so the vote and the merge run
+    over cache-sized slices spread on the cores instead of a dozen full-size temporaries
+    streaming through memory. Element by element the arithmetic is that of the one-shot
+    formula; DARE's masks come from per-slice generators (the same seed gives the same
+    bytes, whatever the order or the number of threads).
     """
     base = call.base
     others = call.others()
     weights = [float(call.input_params[i]["weight"]) for i in others]
     rescale = bool(call.params["rescale"])
-
-    def first_pass(i: int) -> _Trim:
-        return _plan_trim(call.tensors[i] - base, float(call.input_params[i].get("density", 1.0)), rescale)
-
-    threads = torch.get_num_threads()
-    parallel = threads > 1 and base.device.type == "cpu" and base.numel() > SLICE
-    if parallel:  # one model per core, each single-threaded: selection does not parallelize well inside torch
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(
-                max_workers=min(threads, len(others)), thread_name_prefix="mergebot-trim"
-            ) as pool:
-                trims = list(pool.map(first_pass, others))
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        trims = [first_pass(i) for i in others]
-    normalize = bool(call.params["normalize"])
-    scale = float(call.params["lambda"])
     flat_base = base.reshape(-1)
     flats = [call.tensors[i].reshape(-1) for i in others]
-    out = torch.empty_like(flat_base)
     n = flat_base.numel()
+    starts = range(0, n, SLICE)
+    threads = torch.get_num_threads()
+    parallel = threads > 1 and base.device.type == "cpu" and n > SLICE
+
+    def run(function: Callable[[int], _T], items: Sequence[int], workers: int) -> list[_T]:
+        if not parallel:
+            return [function(item) for item in items]
+        torch.set_num_threads(1)  # one op stream per core: torch's own threads would fight ours
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergebot-merge") as pool:
+                return list(pool.map(function, items))
+        finally:
+            torch.set_num_threads(threads)
+
+    def density_of(i: int) -> float:
+        return float(call.input_params[i].get("density", 1.0))
+
+    if sparsifier == "magnitude":
+        keeps = run(
+            lambda i: _plan_trim(call.tensors[i] - base, density_of(i), rescale),
+            others,
+            min(threads, len(others)),
+        )
+    else:
+        keeps = [
+            _Keep("all") if density_of(i) >= 1 else _Keep("random", density=density_of(i), seed=call.seeds[i])
+            for i in others
+        ]
+        if rescale and any(k.kind == "random" for k in keeps):
+
+            def norms(start: int) -> list[tuple[float, float]]:
+                end = min(start + SLICE, n)
+                pairs = []
+                for flat, keep in zip(flats, keeps, strict=True):
+                    d = flat[start:end] - flat_base[start:end]
+                    mask = keep.mask(d, start)
+                    total = float(torch.linalg.vector_norm(d, 1, dtype=torch.float64))
+                    kept = (
+                        total
+                        if mask is None
+                        else float(torch.linalg.vector_norm(d * mask, 1, dtype=torch.float64))
+                    )
+                    pairs.append((total, kept))
+                return pairs
+
+            per_slice = run(norms, starts, threads)
+            keeps = [
+                replace(
+                    keep, scale=_l1_scale(sum(p[m][0] for p in per_slice), sum(p[m][1] for p in per_slice))
+                )
+                if keep.kind == "random"
+                else keep
+                for m, keep in enumerate(keeps)
+            ]
+
+    normalize = bool(call.params["normalize"])
+    lam = float(call.params["lambda"])
+    out = torch.empty_like(flat_base)
 
     def merge_slice(start: int) -> None:
         end = min(start + SLICE, n)
         b = flat_base[start:end]
-        positions = None
         rows = []
-        for flat, trim, weight in zip(flats, trims, weights, strict=True):
+        for flat, keep, weight in zip(flats, keeps, weights, strict=True):
             d = flat[start:end] - b
-            if not trim.keep_all:
-                a = d.abs()
-                keep = a > trim.threshold
-                if trim.last_tie >= start:
-                    if positions is None:
-                        positions = torch.arange(start, end)
-                    keep |= (a == trim.threshold) & (positions <= trim.last_tie)
-                d = d * keep
-                if trim.scale != 1.0:
-                    d.mul_(trim.scale)
+            mask = keep.mask(d, start)
+            if mask is not None:
+                d = d * mask
+                if keep.scale != 1.0:
+                    d.mul_(keep.scale)
             rows.append(d.mul_(weight))
         merged = torch.zeros_like(b)
         if consensus is not None:
@@ -153,22 +222,17 @@ def trim_elect_merge(call: MergeCall, consensus: Consensus) -> torch.Tensor:
             divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, dtype=b.dtype)
         if normalize:
             merged /= divisor
-        if scale != 1.0:
-            merged *= scale
+        if lam != 1.0:
+            merged *= lam
         out[start:end] = merged.add_(b)
 
-    starts = range(0, n, SLICE)
-    if parallel:
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergebot-ties") as pool:
-                list(pool.map(merge_slice, starts))
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        for start in starts:
-            merge_slice(start)
+    run(merge_slice, starts, threads)
     return out.reshape(base.shape)
+
+
+def trim_elect_merge(call: MergeCall, consensus: Consensus) -> torch.Tensor:
+    """TIES (top-k trim, then the vote) in two passes; see :func:`sparse_merge_by_slices`."""
+    return sparse_merge_by_slices(call, "magnitude", consensus)
 
 
 def generalized_task_arithmetic(
@@ -178,8 +242,8 @@ def generalized_task_arithmetic(
     others = call.others()
     if not others:
         return base
-    if sparsifier == "magnitude":
-        return trim_elect_merge(call, consensus)
+    if sparsifier in ("magnitude", "random"):
+        return sparse_merge_by_slices(call, sparsifier, consensus)
     weights = [float(call.input_params[i]["weight"]) for i in others]
     rescale = bool(call.params["rescale"])
     if sparsifier == "della_magprune":  # refuse before any work, whatever the tensor
