@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mergebot.demo", "build small demo models and merge them, offline"),
     "bot": ("bot.cli", "run the merge bot: webhook listener, job queue and worker"),
     "hub": ("localhub.cli", "run and administer localhub, a Hub-compatible server for offline use"),
+    "evolve": ("engine.evolve.cli", "search merge coefficients with CMA-ES"),
 }
 
 

@@ -1,0 +1,255 @@
+"""Scoring a model on a data file, split once (by seed) into a search part and a held-out report part.
+
+Kinds:
+
+- ``perplexity``: a text file, tokenized whole and cut into blocks of ``block_size`` tokens; the
+  blocks are shuffled with the seed, the first ``search_size`` score trials and the next
+  ``report_size`` are held out. Score: ``exp(total negative log-likelihood / predicted tokens)``,
+  lower is better.
+- ``exact_match``: a JSONL file of ``{"prompt": ..., "answer": ...}`` items, split the same way.
+  The model continues each prompt greedily for ``max_new_tokens`` (default: the answer's length
+  in tokens) or until end of text; an item counts when the first line of the continuation,
+  stripped, equals the stripped answer. Score: the fraction of items, higher is better.
+- ``loglikelihood``: the same items, scored in one teacher-forced pass: an item counts when every
+  answer token is the model's most likely next token (lm-eval's ``is_greedy``), or, for items
+  with a ``"choices"`` list, when the answer is the choice with the highest total log-likelihood
+  (lm-eval's ``acc``). Score: the fraction of items, higher is better.
+
+Prompt and answer are tokenized separately (the prompt with the tokenizer's special tokens, the
+answer without) and concatenated, so the answer's tokens do not depend on the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+
+from engine.evolve.errors import EvaluationDataError
+from engine.evolve.spec import Evaluation
+
+Split = Literal["search", "report"]
+Direction = Literal["minimize", "maximize"]
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> Any: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
+
+
+@dataclass(frozen=True)
+class Item:
+    prompt: list[int]
+    answer: list[int]
+    answer_text: str
+    choices: tuple[list[int], ...] = ()
+    correct_choice: int = -1
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """One evaluation with its two splits; call :meth:`score` with a model and a split name."""
+
+    kind: str
+    direction: Direction
+    splits: dict[str, tuple[Any, ...]]  # "search"/"report" -> token blocks or items
+    batch_size: int
+    max_new_tokens: int | None
+    eos_token_id: int | None
+    pad_token_id: int
+    decode: Any
+
+    @property
+    def metric(self) -> str:
+        return "perplexity" if self.kind == "perplexity" else "accuracy"
+
+    def score(self, model: Any, split: Split) -> float:
+        """The model's score on one split (see the module docstring for each kind)."""
+        data = self.splits[split]
+        with torch.inference_mode():
+            if self.kind == "perplexity":
+                return _perplexity(model, data, self.batch_size)
+            if self.kind == "loglikelihood":
+                return _loglikelihood_accuracy(model, data, self.batch_size, self.pad_token_id)
+            return _exact_match(model, data, self.max_new_tokens, self.eos_token_id, self.decode)
+
+
+def load_evaluator(evaluation: Evaluation, tokenizer: Tokenizer, *, seed: int) -> Evaluator:
+    """Read the data file, tokenize it and split it into disjoint search and report parts.
+
+    Raises:
+        EvaluationDataError: the file is unreadable, malformed, or too small for the two splits.
+    """
+    path = evaluation.data
+    units: list[Any]
+    if evaluation.kind == "perplexity":
+        text = _read_text(path)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        size = evaluation.block_size
+        units = [ids[i : i + size] for i in range(0, len(ids) - size + 1, size)]
+        what = f"blocks of {size} tokens ({len(ids)} tokens in all)"
+    else:
+        units = _read_items(path, tokenizer)
+        what = "items"
+    need = evaluation.search_size + evaluation.report_size
+    if len(units) < need:
+        raise EvaluationDataError(
+            path,
+            f"has {len(units)} {what}, fewer than search_size + report_size = {need}; "
+            "lower the sizes or add data",
+        )
+    order = list(range(len(units)))
+    random.Random(seed).shuffle(order)
+    search = tuple(units[i] for i in order[: evaluation.search_size])
+    report = tuple(units[i] for i in order[evaluation.search_size : need])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return Evaluator(
+        kind=evaluation.kind,
+        direction="minimize" if evaluation.kind == "perplexity" else "maximize",
+        splits={"search": search, "report": report},
+        batch_size=evaluation.batch_size,
+        max_new_tokens=evaluation.max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+        decode=tokenizer.decode,
+    )
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise EvaluationDataError(path, f"cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise EvaluationDataError(path, "is not UTF-8 text") from None
+
+
+def _read_items(path: str, tokenizer: Tokenizer) -> list[Item]:
+    items = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EvaluationDataError(path, f"not valid JSON ({exc.msg})", line=number) from None
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("prompt"), str)
+            or not isinstance(row.get("answer"), str)
+        ):
+            raise EvaluationDataError(
+                path, 'each line must be {"prompt": "...", "answer": "..."}', line=number
+            )
+        answer = list(tokenizer(row["answer"], add_special_tokens=False)["input_ids"])
+        if not answer:
+            raise EvaluationDataError(path, "the answer is empty", line=number)
+        choices: tuple[list[int], ...] = ()
+        correct = -1
+        if "choices" in row:
+            raw = row["choices"]
+            if (
+                not isinstance(raw, list)
+                or not all(isinstance(c, str) for c in raw)
+                or row["answer"] not in raw
+            ):
+                raise EvaluationDataError(
+                    path, "`choices` must be a list of texts that includes the answer", line=number
+                )
+            choices = tuple(list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in raw)
+            correct = raw.index(row["answer"])
+        prompt = list(tokenizer(row["prompt"])["input_ids"])
+        items.append(Item(prompt, answer, row["answer"], choices, correct))
+    return items
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _perplexity(model: Any, blocks: Sequence[list[int]], batch_size: int) -> float:
+    total_nll = 0.0
+    count = 0
+    for start in range(0, len(blocks), batch_size):
+        ids = torch.tensor(blocks[start : start + batch_size], device=_device(model))  # [B, T]
+        logits = model(input_ids=ids).logits.float()  # [B, T, V]
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
+        total_nll += float(nll.sum(dtype=torch.float64))
+        count += nll.numel()
+    return float(torch.exp(torch.tensor(total_nll / count, dtype=torch.float64)))
+
+
+def _continuation_logprobs(
+    model: Any, pairs: Sequence[tuple[list[int], list[int]]], pad: int
+) -> list[tuple[float, bool]]:
+    """For each (context, continuation): its total log-likelihood and whether it is the greedy one."""
+    seqs = [c + x for c, x in pairs]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):  # right padding: the real positions are unaffected
+        ids[row, : len(s)] = torch.tensor(s)
+        mask[row, : len(s)] = 1
+    device = _device(model)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [B, T, V]
+    out = []
+    for row, (context, continuation) in enumerate(pairs):
+        first = len(context) - 1  # the position that predicts the continuation's first token
+        span = logits[row, first : first + len(continuation)]  # [n, V]
+        target = torch.tensor(continuation, device=span.device)
+        logprob = torch.log_softmax(span, dim=-1).gather(-1, target[:, None]).sum()
+        greedy = bool((span.argmax(dim=-1) == target).all())
+        out.append((float(logprob), greedy))
+    return out
+
+
+def _loglikelihood_accuracy(model: Any, items: Sequence[Item], batch_size: int, pad: int) -> float:
+    correct = 0
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        pairs: list[tuple[list[int], list[int]]] = []
+        for item in batch:
+            pairs += (
+                [(item.prompt, c) for c in item.choices] if item.choices else [(item.prompt, item.answer)]
+            )
+        results = iter(_continuation_logprobs(model, pairs, pad))
+        for item in batch:
+            if item.choices:
+                scores = [next(results)[0] for _ in item.choices]
+                correct += int(max(range(len(scores)), key=scores.__getitem__) == item.correct_choice)
+            else:
+                correct += int(next(results)[1])
+    return correct / len(items)
+
+
+def _exact_match(
+    model: Any, items: Sequence[Item], max_new: int | None, eos: int | None, decode: Any
+) -> float:
+    device = _device(model)
+    correct = 0
+    for item in items:
+        ids = torch.tensor([item.prompt], device=device)
+        generated: list[int] = []
+        past = None
+        for _ in range(max_new or len(item.answer)):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = int(out.logits[0, -1].argmax())
+            if eos is not None and token == eos:
+                break
+            generated.append(token)
+            ids = torch.tensor([[token]], device=device)
+        text = decode(generated, skip_special_tokens=True)
+        prediction = text.strip().split("\n")[0].strip() if text.strip() else ""
+        correct += int(prediction == item.answer_text.strip())
+    return correct / len(items)

@@ -1,0 +1,470 @@
+"""The search file: which models, which method, which parameters in which ranges, how to score, how long.
+
+A search file is YAML, parsed and validated once (pydantic for the shape, then checks against the
+method's own parameter declarations); every problem comes back at once, each with its location
+and line::
+
+    method: dare_ties
+    base_model: ./models/base
+    models: [./models/math, ./models/code]
+    parameters:                 # searched: one value per model for per-model parameters
+      weight: {min: 0.0, max: 1.0}
+      density: {min: 0.1, max: 1.0, layer_groups: 2}
+    fixed: {lambda: 1.0}        # other method parameters, as in a recipe's top-level `parameters`
+    dtype: bfloat16
+    evaluation: {kind: perplexity, data: eval.txt, search_size: 64, report_size: 64}
+    budget: {trials: 50, minutes: 120}
+    seed: 0
+
+Relative paths (models, data) are read from the search file's folder; model folders are written
+into recipes as absolute paths, so the recipes the search writes load from anywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.config import DTypeName, validate_recipe
+from engine.errors import RecipeError
+from engine.evolve.errors import SearchFileError, SearchProblem
+from engine.methods import METHODS, unknown_method_message
+from engine.methods.base import MethodSpec, ParamSpec, Scope
+
+EvaluationKind = Literal["perplexity", "exact_match", "loglikelihood"]
+BaselineName = Literal["linear", "ties"]
+SEARCHABLE_KINDS = ("float", "int")
+PER_MODEL_SCOPES = (Scope.INPUT, Scope.NON_BASE)
+
+
+def _default_baselines() -> list[BaselineName]:
+    return ["linear", "ties"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Range(_Strict):
+    """Where one parameter is searched. ``min``/``max`` default to the parameter's declared bounds."""
+
+    min: float | None = None
+    max: float | None = None
+    log: bool = False
+    layer_groups: int = Field(default=1, ge=1, le=64)
+
+
+class Evaluation(_Strict):
+    """How a merge is scored, on which file, and how the file is split between search and report."""
+
+    kind: EvaluationKind
+    data: str = Field(min_length=1)
+    search_size: int = Field(gt=0)
+    report_size: int = Field(gt=0)
+    block_size: int = Field(default=128, ge=2)  # perplexity: tokens per scored block
+    max_new_tokens: int | None = Field(default=None, gt=0)  # exact_match: default, the answer's length
+    batch_size: int = Field(default=8, gt=0)
+
+
+class Budget(_Strict):
+    """When to stop: after ``trials`` search trials in the study, or ``minutes`` of this run."""
+
+    trials: int | None = Field(default=None, gt=0)
+    minutes: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> Budget:
+        if self.trials is None and self.minutes is None:
+            raise ValueError("give `trials`, `minutes` or both")
+        return self
+
+
+class SearchSpec(_Strict):
+    """A validated search file. Build it with :func:`load_search` or :func:`validate_search`."""
+
+    method: str
+    base_model: str = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+    parameters: dict[str, Range]
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    dtype: DTypeName | None = None
+    out_dtype: DTypeName | None = None
+    evaluation: Evaluation
+    budget: Budget
+    seed: int = Field(default=0, ge=0)
+    baselines: list[BaselineName] = Field(default_factory=_default_baselines)
+    storage: str | None = None  # an SQLAlchemy URL; default: sqlite in OUT_DIR
+    study_name: str | None = None  # default: derived from what is searched (see study_key)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _empty_range(cls, value: Any) -> Any:
+        # `density: {}` or a bare `density:` searches the declared range
+        if isinstance(value, dict):
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+
+    @field_validator("parameters")
+    @classmethod
+    def _something_to_search(cls, value: dict[str, Range]) -> dict[str, Range]:
+        if not value:
+            raise ValueError("name at least one parameter to search, e.g. `weight: {min: 0, max: 1}`")
+        return value
+
+    @property
+    def method_spec(self) -> MethodSpec:
+        return METHODS[self.method]
+
+    def study_key(self) -> str:
+        """A short hash of everything that defines the study (not the budget), for its default name."""
+        data = self.model_dump(exclude={"budget", "storage", "study_name"})
+        digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+        return digest[:12]
+
+    def name_of_study(self) -> str:
+        return self.study_name or f"evolve-{self.method}-{self.study_key()}"
+
+
+def load_search(path: str | os.PathLike[str]) -> SearchSpec:
+    """Read and validate a search file; relative paths in it are resolved from its folder.
+
+    Raises:
+        SearchFileError: every problem found, each with its location and line.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise SearchFileError.single("", f"cannot read the search file {path}: {exc.strerror}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+        raise SearchFileError.single(where, f"not valid YAML: {getattr(exc, 'problem', exc)}", path) from None
+    if not isinstance(data, dict):
+        raise SearchFileError.single(
+            "", "a search file must be a YAML mapping (see `mergebot evolve --help`)", path
+        )
+    return validate_search(
+        data, base_dir=os.path.dirname(os.path.abspath(path)), lines=_lines(node), source=path
+    )
+
+
+def validate_search(
+    data: dict[str, Any],
+    *,
+    base_dir: str | None = None,
+    lines: dict[tuple[Any, ...], int] | None = None,
+    source: str | None = None,
+) -> SearchSpec:
+    """Validate an already-parsed search file; see :func:`load_search`.
+
+    Raises:
+        SearchFileError: every problem found.
+    """
+    lines = lines or {}
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    spec: SearchSpec | None = None
+    try:
+        spec = SearchSpec.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "missing":
+                msg = "is required"
+            elif err["type"] == "extra_forbidden":
+                msg = _unknown_field_message(err["loc"])
+            problems.append((tuple(err["loc"]), msg))
+        spec, substituted = _validate_the_rest(data, exc)
+        if spec is not None:
+            spec = _resolve_paths(spec, base_dir)
+            problems.extend(
+                p
+                for p in _semantic_problems(
+                    spec, check_recipe=all(sub[0] != "parameters" for sub in substituted)
+                )
+                if not any(p[0][: len(sub)] == sub for sub in substituted)
+            )
+            spec = None
+    else:
+        spec = _resolve_paths(spec, base_dir)
+        problems.extend(_semantic_problems(spec))
+    if problems:
+        raise SearchFileError([_problem(loc, msg, lines) for loc, msg in problems], source=source)
+    assert spec is not None
+    return spec
+
+
+# valid stand-ins for broken required sections, so the rest of a file is still checked
+_STAND_INS: dict[str, Any] = {
+    "budget": {"trials": 1},
+    "evaluation": {"kind": "perplexity", "data": "-", "search_size": 1, "report_size": 1},
+}
+
+
+def _validate_the_rest(
+    data: dict[str, Any], exc: ValidationError
+) -> tuple[SearchSpec | None, set[tuple[Any, ...]]]:
+    """The file with its broken parts dropped or stood in for, so every mistake is reported in one go."""
+    cleaned = dict(data)
+    substituted: set[tuple[Any, ...]] = set()
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        if not loc:
+            return None, substituted
+        key = loc[0]
+        if key == "parameters" and len(loc) >= 2 and isinstance(cleaned.get(key), dict):
+            cleaned[key] = {k: v for k, v in cleaned[key].items() if k != loc[1]}
+            substituted.add(loc[:2])
+            continue
+        if key in _STAND_INS:
+            cleaned[key] = _STAND_INS[key]
+        else:
+            # optional fields fall back to their defaults; required ones fail below
+            cleaned.pop(str(key), None)
+        substituted.add((key,))
+    if not cleaned.get("parameters"):
+        cleaned["parameters"] = {"-": {}}  # nothing left to search: already reported
+        substituted.add(("parameters",))
+    try:
+        return SearchSpec.model_validate(cleaned), substituted
+    except ValidationError:
+        return None, substituted
+
+
+def _unknown_field_message(loc: tuple[Any, ...]) -> str:
+    owners: dict[str, type[BaseModel]] = {"evaluation": Evaluation, "budget": Budget}
+    fields = list(SearchSpec.model_fields)
+    if len(loc) == 2 and loc[0] in owners:
+        fields = list(owners[str(loc[0])].model_fields)
+    elif len(loc) == 3 and loc[0] == "parameters":
+        fields = list(Range.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    return f"unknown field.{hint} Valid: {', '.join(fields)}."
+
+
+def _resolve_paths(spec: SearchSpec, base_dir: str | None) -> SearchSpec:
+    def model(ref: str) -> str:
+        for candidate in (ref, os.path.join(base_dir or "", ref)):
+            if os.path.isdir(candidate):
+                return os.path.abspath(candidate)
+        return ref  # a Hub id; the checks below refuse it with a clear message
+
+    data = spec.evaluation.data
+    if not os.path.isabs(data) and base_dir:
+        data = os.path.join(base_dir, data)
+    return spec.model_copy(
+        update={
+            "base_model": model(spec.base_model),
+            "models": [model(m) for m in spec.models],
+            "evaluation": spec.evaluation.model_copy(update={"data": os.path.abspath(data)}),
+        }
+    )
+
+
+def searchable(param: ParamSpec) -> bool:
+    """Numeric parameters can be searched; switches (``normalize``) can only be fixed."""
+    return param.kind in SEARCHABLE_KINDS
+
+
+def default_bounds(param: ParamSpec) -> tuple[float | None, float | None]:
+    """The declared bounds of a parameter: the search range when the file gives none."""
+    return param.minimum, param.maximum
+
+
+def _semantic_problems(spec: SearchSpec, *, check_recipe: bool = True) -> list[tuple[tuple[Any, ...], str]]:
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    method = METHODS.get(spec.method)
+    if method is None:
+        return [(("method",), unknown_method_message(spec.method))]
+    if not os.path.isdir(spec.base_model):
+        problems.append(
+            (
+                ("base_model",),
+                f"'{spec.base_model}' is not a model folder; evolve loads the base model locally",
+            )
+        )
+    for i, ref in enumerate(spec.models):
+        if not os.path.isdir(ref):
+            problems.append((("models", i), f"'{ref}' is not a model folder; download it first"))
+    if len(set(spec.models)) != len(spec.models):
+        problems.append((("models",), "the same model is listed twice"))
+    if not os.path.isfile(spec.evaluation.data):
+        problems.append((("evaluation", "data"), f"no file at {spec.evaluation.data}"))
+    if spec.evaluation.kind == "perplexity" and spec.evaluation.max_new_tokens is not None:
+        problems.append((("evaluation", "max_new_tokens"), "only used by kind: exact_match"))
+
+    names = [p.name for p in method.params]
+    for pname, rng in spec.parameters.items():
+        loc = ("parameters", pname)
+        param = method.param(pname)
+        if param is None:
+            close = difflib.get_close_matches(pname, names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append(
+                (loc, f"{spec.method} has no parameter '{pname}'.{hint} Valid: {', '.join(names)}.")
+            )
+            continue
+        if not searchable(param):
+            problems.append(
+                (loc, f"'{pname}' is a {param.kind}; only numbers can be searched (set it in `fixed`)")
+            )
+            continue
+        if pname in spec.fixed:
+            problems.append((loc, f"'{pname}' is both searched and fixed; keep one"))
+        problems.extend(_range_problems(loc, param, rng))
+
+    if not check_recipe or any(loc[:1] == ("parameters",) for loc, _ in problems):
+        return problems  # the recipe check below would only repeat them
+    try:
+        validate_recipe(_template_recipe(spec))
+    except RecipeError as exc:
+        for problem in exc.problems:
+            where = ("fixed",) if problem.location.startswith("parameters") else ()
+            hint = (
+                " (search it under `parameters` or set it under `fixed`)"
+                if "needs `" in problem.message
+                else ""
+            )
+            problems.append((where, f"the recipes this search builds would be invalid: {problem}{hint}"))
+    return problems
+
+
+def _range_problems(loc: tuple[Any, ...], param: ParamSpec, rng: Range) -> list[tuple[tuple[Any, ...], str]]:
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    declared_low, declared_high = default_bounds(param)
+    low = rng.min if rng.min is not None else declared_low
+    high = rng.max if rng.max is not None else declared_high
+    if low is None or high is None:
+        missing = "min" if low is None else "max"
+        problems.append(((*loc, missing), f"'{param.name}' has no declared bound here; give `{missing}`"))
+        return problems
+    for key, value in (("min", rng.min), ("max", rng.max)):
+        if value is None:
+            continue
+        if key == "min" and param.exclusive_minimum and value == param.minimum:
+            continue  # searched from just above the bound (see lower_bound)
+        reason = param.check_range(value)
+        if reason:
+            problems.append(((*loc, key), f"{value!r} {reason}"))
+    if low >= high:
+        problems.append((loc, f"min ({low:g}) must be below max ({high:g})"))
+    if rng.log and low <= 0:
+        problems.append(((*loc, "log"), "a log-scale range needs min > 0"))
+    if param.kind == "int" and (float(low) != int(low) or float(high) != int(high)):
+        problems.append((loc, f"'{param.name}' is a whole number; give whole min and max"))
+    return problems
+
+
+def lower_bound(param: ParamSpec, rng: Range) -> float:
+    """The searched minimum, nudged inside an exclusive declared minimum (density > 0)."""
+    low = rng.min if rng.min is not None else param.minimum
+    assert low is not None
+    if param.exclusive_minimum and param.minimum is not None and low <= param.minimum:
+        low = param.minimum + 1e-3 * (
+            (rng.max if rng.max is not None else param.maximum or 1.0) - param.minimum
+        )
+    return float(low)
+
+
+def upper_bound(param: ParamSpec, rng: Range) -> float:
+    high = rng.max if rng.max is not None else param.maximum
+    assert high is not None
+    return float(high)
+
+
+def recipe_base(spec: SearchSpec) -> dict[str, Any]:
+    """The parts of every recipe this search builds that do not depend on the trial."""
+    method = spec.method_spec
+    data: dict[str, Any] = {"merge_method": spec.method}
+    if method.needs_base:
+        data["base_model"] = spec.base_model
+    if spec.fixed:
+        data["parameters"] = dict(spec.fixed)
+    for key in ("dtype", "out_dtype"):
+        if getattr(spec, key) is not None:
+            data[key] = getattr(spec, key)
+    data["random_seed"] = spec.seed
+    return data
+
+
+def _template_recipe(spec: SearchSpec) -> dict[str, Any]:
+    """A recipe with every searched parameter at a valid placeholder, to validate the rest."""
+    method = spec.method_spec
+    data = recipe_base(spec)
+    shared: dict[str, Any] = dict(data.get("parameters", {}))
+    per_model: dict[str, Any] = {}
+    for pname in spec.parameters:
+        param = method.param(pname)
+        if param is None or not searchable(param):
+            continue
+        rng = spec.parameters[pname]
+        low = rng.min if rng.min is not None else param.minimum
+        high = rng.max if rng.max is not None else param.maximum
+        value: float | int = (
+            (low + high) / 2 if low is not None and high is not None else (high or low or 0.0)
+        )
+        if param.kind == "int":
+            value = round(value)
+        (per_model if param.scope in PER_MODEL_SCOPES else shared)[pname] = value
+    if shared:
+        data["parameters"] = shared
+    data["models"] = [
+        {"model": m, "parameters": _for_model(method, m == spec.base_model, per_model)} for m in spec.models
+    ]
+    return data
+
+
+def _for_model(method: MethodSpec, is_base: bool, values: dict[str, Any]) -> dict[str, Any]:
+    """Per-model values, less those the method does not take for the base (Scope.NON_BASE)."""
+    if not is_base:
+        return dict(values)
+    return {k: v for k, v in values.items() if (p := method.param(k)) is None or p.scope != Scope.NON_BASE}
+
+
+def takes_value(method: MethodSpec, param: ParamSpec, model: str, base_model: str) -> bool:
+    """Whether ``model`` gets its own value of a per-model parameter (the base has no NON_BASE ones)."""
+    return not (param.scope == Scope.NON_BASE and method.needs_base and model == base_model)
+
+
+def _problem(loc: tuple[Any, ...], message: str, lines: dict[tuple[Any, ...], int]) -> SearchProblem:
+    clean = tuple(
+        p for p in loc if isinstance(p, int) or not str(p).startswith(("function-", "tuple[", "list["))
+    )
+    text = ""
+    for part in clean:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    line = next((lines[clean[:n]] for n in range(len(clean), 0, -1) if clean[:n] in lines), None)
+    if line is not None:
+        text = f"{text} (line {line})" if text else f"line {line}"
+    return SearchProblem(text, message)
+
+
+def _lines(node: yaml.Node | None) -> dict[tuple[Any, ...], int]:
+    """Each path in the YAML document -> its 1-based line, for error messages."""
+    index: dict[tuple[Any, ...], int] = {}
+
+    def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
+        index.setdefault(path, n.start_mark.line + 1)
+        if isinstance(n, yaml.MappingNode):
+            for key, value in n.value:
+                if isinstance(key, yaml.ScalarNode):
+                    index[(*path, key.value)] = key.start_mark.line + 1
+                    walk(value, (*path, key.value))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                walk(item, (*path, i))
+
+    if node is not None:
+        walk(node, ())
+    return index
