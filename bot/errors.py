@@ -5,6 +5,7 @@
     ├── LicenseRefused          the parents' licenses forbid the merge, or need ``--accept-license``
     ├── PreflightError          the parents cannot be read or merged (names the model and the reason)
     ├── QuotaError              the requester already has too many jobs waiting
+    ├── TooLargeError           the merged model would exceed the bot's size limit
     ├── DestinationError        the result repo cannot be created (exists, bad name)
     ├── JobNotFound             `cancel`/`status` named a job that does not exist or is not theirs
     ├── JobCancelled            raised inside a running merge when its job is cancelled
@@ -36,6 +37,16 @@ class LicenseRefused(BotError):
 
 class PreflightError(BotError):
     pass
+
+
+class TooLargeError(BotError):
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"The merged model would be {size / 1e9:.1f} GB, above this bot's limit of {limit / 1e9:.1f} GB. "
+            "Merge smaller models, or run the same recipe yourself with `mergebot merge`."
+        )
 
 
 class QuotaError(BotError):

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from bot import commands as cmd
-from bot.errors import BotError, DestinationError, JobNotFound, QuotaError
+from bot.errors import BotError, DestinationError, JobNotFound, QuotaError, TooLargeError
 from bot.hub import DiscussionComment, Hub
 from bot.jobs import ACTIVE, Job, JobQueue, JobSpec, JobStore, ReportTo, make_engine
 from bot.settings import Settings
@@ -151,6 +151,9 @@ class Bot:
             endpoint=self.settings.hf_endpoint,
             token=self.settings.hf_token.get_secret_value(),
         )
+        limit = self.settings.max_merge_bytes
+        if limit is not None and pre.bytes_to_write > limit:
+            raise TooLargeError(pre.bytes_to_write, limit)
         spec = JobSpec(
             kind="merge",
             requester=user,

@@ -5,6 +5,7 @@
     WEBHOOK_SECRET     the secret the Hub sends in ``X-Webhook-Secret``
     MERGEBOT_DATA      the state folder (job database, scratch space for merges)
     MERGEBOT_DB_URL    optional SQLAlchemy URL for the job store (default: SQLite in MERGEBOT_DATA)
+    MERGEBOT_MAX_MERGE_GB  optional cap on the size of one merged model, in GB (default: none)
 
 Everything else is built from a :class:`Settings` value, so tests construct one directly.
 """
@@ -37,6 +38,8 @@ class Settings(BaseModel):
     db_url: SecretStr | None = None  # may hold a database password
     # per-user limit on jobs waiting or running
     max_jobs_per_user: int = Field(default=3, gt=0)
+    # largest merged model, in bytes, one request may produce (None: no cap)
+    max_merge_bytes: int | None = Field(default=None, gt=0)
     # seconds between two edits of the status comment while a merge runs
     progress_interval_s: float = Field(default=5.0, ge=0)
     # seconds between two polls of watched parents and unanswered discussions (0: no poll)
@@ -80,6 +83,13 @@ class Settings(BaseModel):
             "data_dir": Path(env["MERGEBOT_DATA"]),
             "db_url": env.get("MERGEBOT_DB_URL") or None,
         }
+        if env.get("MERGEBOT_MAX_MERGE_GB"):
+            try:
+                values["max_merge_bytes"] = int(float(env["MERGEBOT_MAX_MERGE_GB"]) * 1e9)
+            except ValueError:
+                raise SettingsError(
+                    "Invalid bot settings: MERGEBOT_MAX_MERGE_GB must be a number of GB"
+                ) from None
         values.update(overrides)
         try:
             return cls.model_validate(values)

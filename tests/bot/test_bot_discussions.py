@@ -141,6 +141,13 @@ def test_per_user_limit(world: World, serve_bot: BotFactory) -> None:
     assert len(server.bot.store.all()) == 1
 
 
+def test_a_merge_above_the_size_limit_is_refused(world: World, serve_bot: BotFactory) -> None:
+    server = serve_bot(run_jobs=False, max_merge_bytes=1000)  # the tiny test models are ~90 kB
+    (reply,) = wait_reply(world, ask(world, merge_command("too-big", RECIPE)))
+    assert "above this bot's limit of 0.0 GB" in reply and "mergebot merge" in reply
+    assert server.bot.store.all() == []
+
+
 def test_existing_destination_is_refused(world: World, serve_bot: BotFactory) -> None:
     serve_bot()
     (reply,) = wait_reply(world, ask(world, merge_command("requests", RECIPE)))
