@@ -199,7 +199,7 @@ def sparse_merge_by_slices(call: MergeCall, sparsifier: Sparsifier, consensus: C
             d = flat[start:end] - b
             mask = keep.mask(d, start)
             if mask is not None:
-                d = d * mask
+                d.mul_(mask)  # d is this slice's own temporary
                 if keep.scale != 1.0:
                     d.mul_(keep.scale)
             rows.append(d.mul_(weight))
@@ -212,7 +212,7 @@ def sparse_merge_by_slices(call: MergeCall, sparsifier: Sparsifier, consensus: C
             divisor = torch.zeros_like(b)
             for d, weight in zip(rows, weights, strict=True):
                 agree = (d * elected) > 0
-                merged.add_(d * agree)
+                merged.add_(d.mul_(agree))  # d is not used again
                 divisor.add_(agree, alpha=weight)
             divisor[divisor == 0] = 1.0
         else:
