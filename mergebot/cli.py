@@ -14,7 +14,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("engine.cli", "merge models from a mergekit YAML recipe into a folder"),
     "check": ("engine.cli", "audit a recipe's models for compatibility, reading no weights"),
-    "demo": ("mergebot.demo", "build small demo models and merge them, offline"),
+    "demo": ("mergebot.demo", "start localhub with demo models, the bot and the Space, offline"),
     "bot": ("bot.cli", "run the merge bot: webhook listener, job queue and worker"),
     "hub": ("localhub.cli", "run and administer localhub, a Hub-compatible server for offline use"),
     "evolve": ("engine.evolve.cli", "search merge coefficients with CMA-ES"),

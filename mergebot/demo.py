@@ -1,42 +1,158 @@
-"""`mergebot demo`: a merge of small demo models, end to end, with no account or network.
+"""`mergebot demo`: the whole service on this machine, with no account or network.
 
-It builds a base model and three fine-tunes, audits them, and merges them with TIES,
-showing the same steps the bot and the Space run.
+It starts localhub (a Hub-compatible server) in-process, seeds it with small demo models
+(a base and fine-tunes under different licences, two generations of lineage, each with a
+model card), creates a demo bot account and token there, and serves the bot (webhook and
+queue) and the Space (the merge form) from one process. Open the printed URL.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-from collections.abc import Sequence
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BOT_ACCOUNT = "mergebot"
+DEMO_USER = "demo-user"
+
+
+@dataclass(frozen=True)
+class DemoStack:
+    """What a running demo offers: the page, the Hub, and the models on it."""
+
+    url: str  # the Space (and the bot's webhook under /webhooks/mergebot)
+    hub_url: str  # localhub
+    models: tuple[str, ...]  # the demo repos, base first
+    bot: Any  # the bot.service.Bot serving the page and the webhook
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _read_or_make_token(path: Path, prefix: str) -> str:
+    """A token kept in the data folder, so a restarted demo finds its accounts and jobs again."""
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    token = f"{prefix}{secrets.token_hex(16)}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(token, encoding="utf-8")
+    path.chmod(0o600)
+    return token
+
+
+def seed_hub(endpoint: str, token: str, folder: Path) -> tuple[str, ...]:
+    """Upload the demo family to the Hub at ``endpoint`` (repos that exist are left alone)."""
+    from huggingface_hub import HfApi
+
+    from mergebot.demo_models import DEMO_FAMILY, build_demo_models
+
+    paths = build_demo_models(str(folder))
+    api = HfApi(endpoint=endpoint, token=token)
+    for model in DEMO_FAMILY:
+        if api.repo_exists(model.repo_id):
+            continue
+        api.create_repo(model.repo_id)
+        api.upload_folder(repo_id=model.repo_id, folder_path=paths[model.name], commit_message="Demo model")
+    return tuple(m.repo_id for m in DEMO_FAMILY)
+
+
+@contextmanager
+def demo_stack(
+    data: str | Path, *, host: str = "127.0.0.1", port: int = 0, **bot_settings: Any
+) -> Iterator[DemoStack]:
+    """Run localhub, the bot and the Space in this process until the block ends."""
+    import uvicorn
+    from huggingface_hub import HfApi
+
+    from bot.service import Bot
+    from bot.settings import Settings
+    from localhub.testing import run_localhub
+    from space.app import create_app
+
+    data = Path(data).resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    bot_token = _read_or_make_token(data / "secrets" / "bot-token", "hf_demo_bot_")
+    user_token = _read_or_make_token(data / "secrets" / "user-token", "hf_demo_user_")
+    webhook_secret = _read_or_make_token(data / "secrets" / "webhook-secret", "whsec_")
+    with run_localhub(data / "localhub", host=host) as hub:
+        hub.add_user(BOT_ACCOUNT, bot_token)
+        hub.add_user(DEMO_USER, user_token, orgs=["demo-lab"])
+        models = seed_hub(hub.endpoint, user_token, data / "models")
+        settings = Settings.model_validate(
+            {
+                "hf_endpoint": hub.endpoint,
+                "hf_token": bot_token,
+                "webhook_secret": webhook_secret,
+                "data_dir": data / "bot",
+                "poll_interval_s": 0,
+                "progress_interval_s": 0.2,
+                "device": "cpu",
+                "shard_bytes": 200_000,
+                **bot_settings,
+            }
+        )
+        bot = Bot(settings)
+        app = create_app(bot, models=models)
+        port = port or _free_port(host)
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", log_config=None)
+        )
+        thread = threading.Thread(target=server.run, name="mergebot-demo", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the demo server did not start")
+            time.sleep(0.05)
+        hook = hub.add_webhook(
+            f"http://{host}:{port}/webhooks/mergebot", [f"user:{BOT_ACCOUNT}"], secret=webhook_secret
+        )
+        try:
+            yield DemoStack(url=f"http://{host}:{port}/", hub_url=hub.endpoint, models=models, bot=bot)
+        finally:
+            try:  # the next start serves on another port: this hook would only fail
+                HfApi(endpoint=hub.endpoint, token=bot_token).delete_webhook(hook.id)
+            except Exception as exc:
+                logging.getLogger(__name__).warning("demo webhook not removed: %s", type(exc).__name__)
+            server.should_exit = True
+            thread.join(timeout=30)
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mergebot demo", description=__doc__)
-    parser.add_argument("--data", default="demo-data", help="folder for the demo models and results")
-    parser.add_argument("--host", default="127.0.0.1", help="(reserved for the Space)")
-    parser.add_argument("--port", type=int, default=7860, help="(reserved for the Space)")
+    parser = argparse.ArgumentParser(prog="mergebot demo", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data", default="demo-data", help="folder for the hub, the models and the job store"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    parser.add_argument("--port", type=int, default=7860, help="port of the page")
     args = parser.parse_args(list(argv))
+    # huggingface_hub reads these at import; localhub serves no Xet storage.
+    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from huggingface_hub.utils import disable_progress_bars
 
-    from engine.cli import main as engine_main
-    from mergebot.demo_models import build_demo_models
-
-    models = build_demo_models(os.path.join(args.data, "models"))
-    recipe = os.path.join(args.data, "ties-demo.yml")
-    with open(recipe, "w", encoding="utf-8") as f:
-        f.write(
-            "merge_method: ties\n"
-            f"base_model: {models['base']}\n"
-            "models:\n"
-            f"  - model: {models['math-tune']}\n    parameters: {{weight: 0.5, density: 0.6}}\n"
-            f"  - model: {models['code-tune']}\n    parameters: {{weight: 0.3, density: 0.6}}\n"
-            f"  - model: {models['chat-tune']}\n    parameters: {{weight: [0.1, 0.4], density: 0.5}}\n"
-            "dtype: bfloat16\n"
-        )
-    print(f"demo models in {os.path.dirname(models['base'])}; recipe {recipe}\n")
-    print("$ mergebot check", recipe)
-    if engine_main(["check", recipe]):
-        return 1
-    out = os.path.join(args.data, "merged-ties")
-    print("\n$ mergebot merge", recipe, out, "--overwrite")
-    return engine_main(["merge", recipe, out, "--overwrite"])
+    disable_progress_bars()
+    print("Starting the demo: a local Hub with demo models, the merge bot and its Space…", flush=True)
+    with demo_stack(args.data, host=args.host, port=args.port) as stack:
+        print(f"\n  Open {stack.url} in your browser.\n", flush=True)
+        print(f"  Local Hub: {stack.hub_url} (demo models: {', '.join(stack.models)})")
+        print(f"  State is kept in {Path(args.data).resolve()}; press Ctrl+C to stop.\n", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("Stopping.")
+    return 0

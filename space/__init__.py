@@ -1,1 +1,5 @@
-"""space package: arrives with its issue."""
+"""The Gradio Space: a view over the bot's services (compose, check, submit, queue); no merge logic.
+
+``space.app.create_app(bot)`` serves the page beside the bot's webhook; ``space.compose`` maps
+the form to mergekit YAML; ``space.service`` adapts the bot; ``space.views`` shapes what is shown.
+"""

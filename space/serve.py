@@ -1,0 +1,50 @@
+"""The Space's entry point (``app_file``): the page, the bot's webhook and its queue in one process.
+
+Configured like the bot (bot.settings): HF_TOKEN (the bot or organisation account that
+publishes merges), WEBHOOK_SECRET, MERGEBOT_DATA (use the Space's persistent storage, e.g.
+/data/mergebot, so jobs survive a restart) and optionally HF_ENDPOINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python space/serve.py`, as Spaces do: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PORT = 7860  # the port a Space serves
+
+
+def main(host: str = "0.0.0.0", port: int = PORT) -> int:
+    import uvicorn
+    from gradio.utils import get_space
+    from huggingface_hub.utils import disable_progress_bars
+
+    from bot.cli import RedactSecrets
+    from bot.errors import BotError
+    from bot.service import Bot
+    from bot.settings import Settings
+    from space.app import create_app
+
+    try:
+        settings = Settings.from_env()
+    except BotError as exc:
+        print(f"mergebot Space: {exc}")
+        return 2
+    handler = logging.StreamHandler()
+    handler.addFilter(
+        RedactSecrets([settings.hf_token.get_secret_value(), settings.webhook_secret.get_secret_value()])
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    disable_progress_bars()
+    # "Sign in with Hugging Face" only where the Hub provides OAuth (a Space with hf_oauth: true)
+    app = create_app(Bot(settings), oauth=get_space() is not None)
+    uvicorn.run(app, host=host, port=port, log_config=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
