@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, fie
 from engine.errors import RecipeError, RecipeProblem
 from engine.methods import METHODS, all_param_names, unknown_method_message
 from engine.methods.base import ParamSpec, ParamValue, Scope
+from engine.yaml_locations import describe, line_index
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def load_recipe(source: str | os.PathLike[str], *, name: str | None = None) -> M
         raise RecipeError.single(where, f"not valid YAML: {problem}", source=origin) from None
     if not isinstance(data, dict):
         raise RecipeError.single("", "a recipe must be a YAML mapping with at least `merge_method`", origin)
-    lines = _line_index(node)
+    lines = line_index(node)
     return validate_recipe(data, lines=lines, source=origin)
 
 
@@ -350,43 +351,7 @@ def validate_recipe(
 
 
 def _problem(loc: tuple[Any, ...], message: str, lines: dict[tuple[Any, ...], int]) -> RecipeProblem:
-    # pydantic adds type tags (e.g. 'function-after[...]') to locations; drop them
-    clean = tuple(
-        p for p in loc if isinstance(p, int) or not str(p).startswith(("function-", "tuple[", "list["))
-    )
-    text = ""
-    for part in clean:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    line = None
-    for n in range(len(clean), 0, -1):
-        if clean[:n] in lines:
-            line = lines[clean[:n]]
-            break
-    if line is not None:
-        text = f"{text} (line {line})" if text else f"line {line}"
-    return RecipeProblem(text, message)
-
-
-def _line_index(node: yaml.Node | None) -> dict[tuple[Any, ...], int]:
-    """Map each path in the YAML document to its 1-based line, for error messages."""
-    index: dict[tuple[Any, ...], int] = {}
-
-    def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
-        index[path] = n.start_mark.line + 1
-        if isinstance(n, yaml.MappingNode):
-            for key, value in n.value:
-                if isinstance(key, yaml.ScalarNode):
-                    child = (*path, key.value)
-                    index[child] = key.start_mark.line + 1
-                    walk(value, child)
-                    index[child] = key.start_mark.line + 1
-        elif isinstance(n, yaml.SequenceNode):
-            for i, item in enumerate(n.value):
-                walk(item, (*path, i))
-
-    if node is not None:
-        walk(node, ())
-    return index
+    return RecipeProblem(describe(loc, lines), message)
 
 
 def _semantic_problems(config: MergeConfig) -> list[tuple[tuple[Any, ...], str]]:

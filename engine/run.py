@@ -292,14 +292,7 @@ def combine_by_slices(plan: MergePlan, task: TensorTask, sources: Mapping[str, M
                 if round_to is not None:
                     part = part.to(round_to)
                 parts.append(part.to(compute, copy=True))  # never a view into the read-only map
-            call = MergeCall(
-                tensors=parts,
-                base_index=task.base_index,
-                params=task.params,
-                input_params=task.input_params,
-                seeds=task.seeds,
-                tensor_name=task.name,
-            )
+            call = _call(task, parts)
             flat_out[start:end] = plan.method.merge(call)
 
         starts = range(0, total, SLICE_ELEMENTS)
@@ -338,6 +331,18 @@ def read_inputs(
     return tensors
 
 
+def _call(task: TensorTask, tensors: list[torch.Tensor]) -> MergeCall:
+    """What a method sees for one tensor (or one slice of it): the inputs and resolved numbers."""
+    return MergeCall(
+        tensors=tensors,
+        base_index=task.base_index,
+        params=task.params,
+        input_params=task.input_params,
+        seeds=task.seeds,
+        tensor_name=task.name,
+    )
+
+
 def combine(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor]) -> torch.Tensor:
     """Merge one tensor's inputs with the plan's method; the result is in the output dtype."""
     out_dtype = DTYPES[task.dtype][0]
@@ -346,14 +351,7 @@ def combine(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor]) -> t
     if task.vocab_axis is not None and plan.vocab is not None:
         base = task.inputs[task.base_index].model if task.base_index is not None else None
         tensors = align_rows(plan.vocab, [item.model for item in task.inputs], tensors, base)
-    call = MergeCall(
-        tensors=tensors,
-        base_index=task.base_index,
-        params=task.params,
-        input_params=task.input_params,
-        seeds=task.seeds,
-        tensor_name=task.name,
-    )
+    call = _call(task, tensors)
     try:
         merged = plan.method.merge(call)
     except ValueError as exc:

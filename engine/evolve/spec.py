@@ -36,6 +36,7 @@ from engine.errors import RecipeError
 from engine.evolve.errors import SearchFileError, SearchProblem
 from engine.methods import METHODS, unknown_method_message
 from engine.methods.base import MethodSpec, ParamSpec, Scope
+from engine.yaml_locations import describe, line_index
 
 EvaluationKind = Literal["perplexity", "exact_match", "loglikelihood"]
 BaselineName = Literal["linear", "ties"]
@@ -155,7 +156,7 @@ def load_search(path: str | os.PathLike[str]) -> SearchSpec:
             "", "a search file must be a YAML mapping (see `mergebot evolve --help`)", path
         )
     return validate_search(
-        data, base_dir=os.path.dirname(os.path.abspath(path)), lines=_lines(node), source=path
+        data, base_dir=os.path.dirname(os.path.abspath(path)), lines=line_index(node), source=path
     )
 
 
@@ -438,33 +439,4 @@ def takes_value(method: MethodSpec, param: ParamSpec, model: str, base_model: st
 
 
 def _problem(loc: tuple[Any, ...], message: str, lines: dict[tuple[Any, ...], int]) -> SearchProblem:
-    clean = tuple(
-        p for p in loc if isinstance(p, int) or not str(p).startswith(("function-", "tuple[", "list["))
-    )
-    text = ""
-    for part in clean:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    line = next((lines[clean[:n]] for n in range(len(clean), 0, -1) if clean[:n] in lines), None)
-    if line is not None:
-        text = f"{text} (line {line})" if text else f"line {line}"
-    return SearchProblem(text, message)
-
-
-def _lines(node: yaml.Node | None) -> dict[tuple[Any, ...], int]:
-    """Each path in the YAML document -> its 1-based line, for error messages."""
-    index: dict[tuple[Any, ...], int] = {}
-
-    def walk(n: yaml.Node, path: tuple[Any, ...]) -> None:
-        index.setdefault(path, n.start_mark.line + 1)
-        if isinstance(n, yaml.MappingNode):
-            for key, value in n.value:
-                if isinstance(key, yaml.ScalarNode):
-                    index[(*path, key.value)] = key.start_mark.line + 1
-                    walk(value, (*path, key.value))
-        elif isinstance(n, yaml.SequenceNode):
-            for i, item in enumerate(n.value):
-                walk(item, (*path, i))
-
-    if node is not None:
-        walk(node, ())
-    return index
+    return SearchProblem(describe(loc, lines), message)
