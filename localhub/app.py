@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, unquote, urlencode
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from localhub.accounts import Identity
 from localhub.cards import parse_card
@@ -29,6 +29,7 @@ from localhub.errors import BadRequest, EntryNotFound, LocalHubError, NotFound, 
 from localhub.gitobj import validate_path
 from localhub.hub import LocalHub
 from localhub.lfs import UploadGrant
+from localhub.pages import repo_page
 from localhub.repo_service import RepoKey, RepoService
 from localhub.repos import RepoType
 from localhub.views import whoami_view
@@ -287,6 +288,9 @@ class HubApp:
         repo_type: RepoType = "model"
         if seg and seg[0] in ("datasets", "spaces"):
             repo_type, seg = PLURALS[seg[0]], seg[1:]
+        if len(seg) == 2 and method == "GET" and seg[0] not in ("api", "localhub-lfs"):
+            key = RepoKey(repo_type, seg[0], seg[1])
+            return lambda: self._page(request, key)
         if len(seg) >= 5 and seg[2] == "resolve" and method in ("GET", "HEAD"):
             key = RepoKey(repo_type, seg[0], seg[1])
             return lambda: self.download(request, key, seg[3], "/".join(seg[4:]))
@@ -397,6 +401,14 @@ class HubApp:
     async def _with_json(self, request: Request, fn: Callable[..., Any], *args: Any) -> Response:
         body = await _json(request)
         return await self._call(fn, request, *args, body)
+
+    async def _page(self, request: Request, key: RepoKey) -> Response:
+        identity = await self.identity(request)
+        info = await run_in_threadpool(self.repos.info, identity, key, "main", True)
+        readme = await run_in_threadpool(self.repos.readme, identity, key, "main")
+        prefix = {"model": "", "dataset": "datasets/", "space": "spaces/"}[key.type]
+        html = repo_page(self.base_url(request), f"{prefix}{key.namespace}/{key.name}", info, readme)
+        return HTMLResponse(html)
 
     async def _info(self, request: Request, key: RepoKey, revision: str, blobs: bool) -> Response:
         return await self._call(self.repos.info, request, key, revision, blobs)

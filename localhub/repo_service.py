@@ -160,6 +160,16 @@ class RepoService:
                 card = None
         return repo_info_view(repo, commit, files, card, blobs=blobs)
 
+    def readme(self, identity: Identity | None, key: RepoKey, revision: str) -> str | None:
+        """The README.md text at a revision, or None if the repo has none."""
+        with self.hub.db.read() as conn:
+            repo = self.hub.readable_repo(conn, identity, key.type, key.namespace, key.name)
+            commit = self.hub.resolve(conn, repo, revision)
+            readme = self.hub.repos.files(conn, repo, commit.oid).get("README.md")
+        if readme is None:
+            return None
+        return self.hub.blobs.read(readme.sha256).decode("utf-8", errors="replace")
+
     def tree(
         self, identity: Identity | None, key: RepoKey, revision: str, path: str, recursive: bool, expand: bool
     ) -> list[dict[str, Any]]:

@@ -171,3 +171,21 @@ def test_spaces_resolve_under_their_prefix(
         repo_id, "index.html", repo_type="space", endpoint=alice.endpoint, cache_dir=cache_dir
     )
     assert Path(path).read_bytes() == b"<h1>hi</h1>"
+
+
+def test_repo_page_lists_files_and_readme(model: tuple[str, bytes, bytes], alice: HfApi) -> None:
+    """Links to <endpoint>/<org>/<name> (the Space's queue, the bot's replies) open a readable page."""
+    repo_id, _, _ = model
+    alice.upload_file(
+        path_or_fileobj=b"---\nlicense: mit\n---\n# Download me <script>\n",
+        path_in_repo="README.md",
+        repo_id=repo_id,
+    )
+    page = get_session().get(f"{alice.endpoint}/{repo_id}")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert "acme/download-me" in html and "<b>mit</b>" in html
+    assert f"{alice.endpoint}/{repo_id}/resolve/" in html and "model.safetensors" in html
+    assert "# Download me &lt;script&gt;" in html  # README shown as text, escaped
+    missing = get_session().get(f"{alice.endpoint}/acme/no-such-repo")
+    assert missing.status_code == 404
