@@ -33,6 +33,7 @@ import torch
 from engine.config import MergeConfig
 from engine.errors import MergeError, OutputError, RecipeError
 from engine.methods.base import MergeCall
+from engine.parallel import map_on_cores
 from engine.plan import MergePlan, ModelMeta, TensorTask, build_plan
 from engine.sources import ModelSource, open_model
 from engine.sources.safetensors_file import DTYPES
@@ -296,19 +297,10 @@ def combine_by_slices(plan: MergePlan, task: TensorTask, sources: Mapping[str, M
             flat_out[start:end] = plan.method.merge(call)
 
         starts = range(0, total, SLICE_ELEMENTS)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         try:
-            if len(starts) > 1 and threads > 1:
-                with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergebot-slice") as pool:
-                    list(pool.map(merge_slice, starts))
-            else:
-                for start in starts:
-                    merge_slice(start)
+            map_on_cores(merge_slice, starts, parallel=len(starts) > 1)
         except ValueError as exc:
             raise RecipeError.single("parameters", f"{exc} (tensor '{task.name}')") from None
-        finally:
-            torch.set_num_threads(threads)
     return out
 
 

@@ -250,7 +250,7 @@ def test_two_pass_ties_equals_the_whole_tensor_formula(
         input_params=[{}, *({"weight": w, "density": d} for w, d in zip(weights, densities, strict=True))],
         seeds=[0, 1, 2, 3],
     )
-    got = ta.trim_elect_merge(call_, "sum")
+    got = ta.sparse_merge_by_slices(call_, "magnitude", "sum")
     rows = []
     for m, w, d in zip(models, weights, densities, strict=True):
         rows.append(magnitude(m - base, d, rescale) * w)

@@ -25,36 +25,51 @@ from __future__ import annotations
 
 import torch
 
+from engine.methods.selection import kth_largest
+
+
+def topk_cut(magnitudes: torch.Tensor, k: int) -> tuple[float, int]:
+    """Where the top ``k`` of a flat tensor (0 < k < n) ends: ``(threshold, last_tie)``.
+
+    The top k are the entries above ``threshold`` plus those equal to it at flat positions
+    up to ``last_tie`` (-1: none), so ties are broken by position and exactly k are kept.
+    An exact selection finds the threshold in linear time instead of sorting the tensor.
+    """
+    threshold = kth_largest(magnitudes, k)
+    missing = k - int(torch.count_nonzero(magnitudes > threshold))
+    last_tie = -1
+    if missing > 0:
+        last_tie = int(torch.nonzero(magnitudes == threshold).squeeze(1)[missing - 1])
+    return float(threshold), last_tie
+
 
 def topk_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """A boolean mask of exactly the ``k`` largest entries; ties broken by position.
-
-    A selection (kthvalue) finds the threshold in linear time instead of sorting the
-    whole tensor; entries equal to the threshold are admitted in index order until ``k``.
-    """
+    """A boolean mask of exactly the ``k`` largest entries; ties broken by position."""
     flat = magnitude.reshape(-1)
     n = flat.numel()
     if k >= n:
         return torch.ones_like(magnitude, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
-    threshold = torch.kthvalue(flat, n - k + 1).values
+    threshold, last_tie = topk_cut(flat, k)
     keep = flat > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:
-        first_ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
-        keep[first_ties] = True
+    if last_tie >= 0:
+        keep |= (flat == threshold) & (torch.arange(n, device=flat.device) <= last_tie)
     return keep.reshape(magnitude.shape)
 
 
-def rescale_l1(original: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+def l1_scale(before: float, after: float, eps: float = 1e-7) -> float:
+    """The factor that gives survivors the task vector's L1 norm (1.0 for ~zero norms)."""
+    return before / after if before >= eps and after >= eps else 1.0
+
+
+def rescale_l1(original: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Scale ``kept`` in place so its L1 norm equals ``original``'s (skipped for ~zero norms)."""
     # float64 accumulation: a float32 sum of millions of terms drifts by ~1e-4, a systematic scale error
     before = float(torch.linalg.vector_norm(original, 1, dtype=torch.float64))
     after = float(torch.linalg.vector_norm(kept, 1, dtype=torch.float64))
-    if before < eps or after < eps:
-        return kept
-    return kept.mul_(before / after)
+    scale = l1_scale(before, after)
+    return kept if scale == 1.0 else kept.mul_(scale)
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:

@@ -22,34 +22,60 @@ which is closer to the exact result.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, TypeVar
+from typing import Literal
 
 import torch
 
 from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
-from engine.methods.selection import kth_largest
 from engine.methods.sparsify import (
     DRAW_BLOCK,
-    bernoulli,
     check_della,
     della_magprune,
-    magnitude,
+    l1_scale,
     magnitude_outliers,
+    topk_cut,
     uniform_draws,
 )
+from engine.parallel import map_on_cores
 
-_T = TypeVar("_T")
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
 Consensus = Literal["sum", "count"] | None
 
 
-def _elect_sign(weighted: torch.Tensor, method: Literal["sum", "count"]) -> torch.Tensor:
-    """The elected sign per element (+1 where the total weighted delta, or the vote count, is >= 0)."""
-    votes = weighted.sum(dim=0) if method == "sum" else weighted.sign().sum(dim=0)
-    return torch.where(votes >= 0, 1.0, -1.0).to(weighted.dtype)
+def _merge_rows(
+    rows: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    base: torch.Tensor,
+    totals: torch.Tensor,
+    consensus: Consensus,
+    normalize: bool,
+    lam: float,
+) -> torch.Tensor:
+    """Combine weighted task vectors into the result: vote, keep the agreeing, normalize, add to the base.
+
+    ``totals`` is the rows' sum (for the ``count`` vote: the sum of their signs), computed by
+    the caller in whatever order it holds the rows. Rows may be overwritten.
+    """
+    if consensus is not None:
+        elected = torch.where(totals >= 0, 1.0, -1.0).to(base.dtype)  # +1 or -1 per element
+        merged = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for row, weight in zip(rows, weights, strict=True):  # one model at a time: small working set
+            agree = (row * elected) > 0  # same sign as elected; a zero delta never takes part
+            merged.add_(row.mul_(agree))
+            divisor.add_(agree, alpha=weight)
+        divisor[divisor == 0] = 1.0
+    else:
+        merged = totals
+        total = float(sum(weights))
+        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, dtype=base.dtype)
+    if normalize:
+        merged /= divisor
+    if lam != 1.0:
+        merged *= lam
+    return merged.add_(base)
 
 
 SLICE = DRAW_BLOCK  # elements per slice of the second pass: cache-resident, one block of random draws
@@ -86,7 +112,7 @@ class _Keep:
 
 
 def _plan_trim(delta: torch.Tensor, density: float, rescale: bool) -> _Keep:
-    """First pass over one full task vector: the exact top-k cut (see ``sparsify.topk_mask``).
+    """First pass over one full task vector: the exact top-k cut (see ``sparsify.topk_cut``).
 
     Takes ownership of ``delta``: it is turned into magnitudes in place, so the pass holds
     one full-size tensor (plus boolean masks), not several.
@@ -96,23 +122,17 @@ def _plan_trim(delta: torch.Tensor, density: float, rescale: bool) -> _Keep:
         return _Keep("all")
     k = max(1, int(density * n))
     magnitudes = delta.abs_().reshape(-1)
-    threshold = kth_largest(magnitudes, k)
-    above = magnitudes > threshold
-    missing = k - int(torch.count_nonzero(above))
-    last_tie = -1
-    if missing > 0:
-        last_tie = int(torch.nonzero(magnitudes == threshold).squeeze(1)[missing - 1])
+    threshold, last_tie = topk_cut(magnitudes, k)
     scale = 1.0
     if rescale:  # L1 norms: the magnitudes' sums, before and after the cut
+        above = magnitudes > threshold
         before = float(torch.linalg.vector_norm(magnitudes, 1, dtype=torch.float64))
-        after = float(magnitudes[above].sum(dtype=torch.float64)) + missing * float(threshold)
-        scale = _l1_scale(before, after)
-    return _Keep("magnitude", scale, float(threshold), last_tie)
-
-
-def _l1_scale(before: float, after: float, eps: float = 1e-7) -> float:
-    """mergekit's L1 rescale: survivors keep the task vector's L1 norm (skipped for ~zero norms)."""
-    return before / after if before >= eps and after >= eps else 1.0
+        after = (
+            float(magnitudes[above].sum(dtype=torch.float64))
+            + (k - int(torch.count_nonzero(above))) * threshold
+        )
+        scale = l1_scale(before, after)
+    return _Keep("magnitude", scale, threshold, last_tie)
 
 
 def sparse_merge_by_slices(call: MergeCall, sparsifier: Sparsifier, consensus: Consensus) -> torch.Tensor:
@@ -133,27 +153,17 @@ def sparse_merge_by_slices(call: MergeCall, sparsifier: Sparsifier, consensus: C
     flats = [call.tensors[i].reshape(-1) for i in others]
     n = flat_base.numel()
     starts = range(0, n, SLICE)
-    threads = torch.get_num_threads()
-    parallel = threads > 1 and base.device.type == "cpu" and n > SLICE
-
-    def run(function: Callable[[int], _T], items: Sequence[int], workers: int) -> list[_T]:
-        if not parallel:
-            return [function(item) for item in items]
-        torch.set_num_threads(1)  # one op stream per core: torch's own threads would fight ours
-        try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergebot-merge") as pool:
-                return list(pool.map(function, items))
-        finally:
-            torch.set_num_threads(threads)
+    parallel = base.device.type == "cpu" and n > SLICE
 
     def density_of(i: int) -> float:
         return float(call.input_params[i].get("density", 1.0))
 
     if sparsifier == "magnitude":
-        keeps = run(
+        keeps = map_on_cores(
             lambda i: _plan_trim(call.tensors[i] - base, density_of(i), rescale),
             others,
-            min(threads, len(others)),
+            parallel=parallel,
+            workers=len(others),
         )
     else:
         keeps = [
@@ -177,10 +187,10 @@ def sparse_merge_by_slices(call: MergeCall, sparsifier: Sparsifier, consensus: C
                     pairs.append((total, kept))
                 return pairs
 
-            per_slice = run(norms, starts, threads)
+            per_slice = map_on_cores(norms, starts, parallel=parallel)
             keeps = [
                 replace(
-                    keep, scale=_l1_scale(sum(p[m][0] for p in per_slice), sum(p[m][1] for p in per_slice))
+                    keep, scale=l1_scale(sum(p[m][0] for p in per_slice), sum(p[m][1] for p in per_slice))
                 )
                 if keep.kind == "random"
                 else keep
@@ -203,36 +213,13 @@ def sparse_merge_by_slices(call: MergeCall, sparsifier: Sparsifier, consensus: C
                 if keep.scale != 1.0:
                     d.mul_(keep.scale)
             rows.append(d.mul_(weight))
-        merged = torch.zeros_like(b)
-        if consensus is not None:
-            votes = torch.zeros_like(b)
-            for d in rows:
-                votes.add_(d if consensus == "sum" else d.sign())
-            elected = torch.where(votes >= 0, 1.0, -1.0).to(b.dtype)
-            divisor = torch.zeros_like(b)
-            for d, weight in zip(rows, weights, strict=True):
-                agree = (d * elected) > 0
-                merged.add_(d.mul_(agree))  # d is not used again
-                divisor.add_(agree, alpha=weight)
-            divisor[divisor == 0] = 1.0
-        else:
-            for d in rows:
-                merged.add_(d)
-            total = float(sum(weights))
-            divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, dtype=b.dtype)
-        if normalize:
-            merged /= divisor
-        if lam != 1.0:
-            merged *= lam
-        out[start:end] = merged.add_(b)
+        totals = torch.zeros_like(b)
+        for d in rows:
+            totals.add_(d.sign() if consensus == "count" else d)
+        out[start:end] = _merge_rows(rows, weights, b, totals, consensus, normalize, lam)
 
-    run(merge_slice, starts, threads)
+    map_on_cores(merge_slice, starts, parallel=parallel)
     return out.reshape(base.shape)
-
-
-def trim_elect_merge(call: MergeCall, consensus: Consensus) -> torch.Tensor:
-    """TIES (top-k trim, then the vote) in two passes; see :func:`sparse_merge_by_slices`."""
-    return sparse_merge_by_slices(call, "magnitude", consensus)
 
 
 def generalized_task_arithmetic(
@@ -254,11 +241,7 @@ def generalized_task_arithmetic(
     for row, (i, weight) in enumerate(zip(others, weights, strict=True)):
         delta = call.tensors[i] - base
         density = float(call.input_params[i].get("density", 1.0))
-        if sparsifier == "magnitude":
-            delta = magnitude(delta, density, rescale)
-        elif sparsifier == "random":
-            delta = bernoulli(delta, density, rescale, call.seeds[i])
-        elif sparsifier == "magnitude_outliers":
+        if sparsifier == "magnitude_outliers":
             delta = magnitude_outliers(delta, density, float(call.input_params[i]["gamma"]), rescale)
         elif sparsifier == "della_magprune":
             epsilon = float(call.input_params[i]["epsilon"])
@@ -266,25 +249,11 @@ def generalized_task_arithmetic(
         weighted[row] = delta.mul_(weight)  # [n_models, *shape]
         del delta
 
-    if consensus is not None:
-        elected = _elect_sign(weighted, consensus)  # [*shape], +1 or -1
-        merged = torch.zeros_like(base)
-        divisor = torch.zeros_like(base)
-        for row, weight in zip(weighted, weights, strict=True):  # one model at a time: small working set
-            agree = (row * elected) > 0  # same sign as elected; a zero delta never takes part
-            merged.add_(row * agree)
-            divisor.add_(agree, alpha=weight)
-        divisor[divisor == 0] = 1.0
-    else:
-        merged = weighted.sum(dim=0)
-        total = float(sum(weights))
-        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, dtype=base.dtype)
-    if call.params["normalize"]:
-        merged /= divisor
-    scale = float(call.params["lambda"])
-    if scale != 1.0:
-        merged *= scale
-    return merged.add_(base)
+    totals = weighted.sign().sum(dim=0) if consensus == "count" else weighted.sum(dim=0)
+    normalize = bool(call.params["normalize"])
+    return _merge_rows(
+        list(weighted.unbind(0)), weights, base, totals, consensus, normalize, float(call.params["lambda"])
+    )
 
 
 def _spec(
