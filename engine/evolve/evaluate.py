@@ -1,6 +1,6 @@
-"""Scoring a model on a data file, split once (by seed) into a search part and a held-out report part.
+"""Scoring a model on evaluation data, split once (by seed) into a search part and a held-out report part.
 
-Kinds:
+Kinds (``lm_eval``, lm-evaluation-harness tasks, is in :mod:`engine.evolve.lmeval`):
 
 - ``perplexity``: a text file, tokenized whole and cut into blocks of ``block_size`` tokens; the
   blocks are shuffled with the seed, the first ``search_size`` score trials and the next
@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from engine.evolve.errors import EvaluationDataError
+from engine.evolve.errors import EvaluationDataError, SearchFileError
 from engine.evolve.spec import Evaluation
 
 Split = Literal["search", "report"]
@@ -54,9 +54,23 @@ class Item:
     correct_choice: int = -1
 
 
+class Evaluator(Protocol):
+    """What the search needs of an evaluation: which way is better, the metric's name, a score per split."""
+
+    @property
+    def direction(self) -> Direction: ...
+
+    @property
+    def metric(self) -> str: ...
+
+    def score(self, model: Any, split: Split) -> float:
+        """The model's score on one split."""
+        ...
+
+
 @dataclass(frozen=True)
-class Evaluator:
-    """One evaluation with its two splits; call :meth:`score` with a model and a split name."""
+class FileEvaluator:
+    """An evaluation on a data file, with its two splits; call :meth:`score` with a model and a split name."""
 
     kind: str
     direction: Direction
@@ -83,12 +97,23 @@ class Evaluator:
 
 
 def load_evaluator(evaluation: Evaluation, tokenizer: Tokenizer, *, seed: int) -> Evaluator:
-    """Read the data file, tokenize it and split it into disjoint search and report parts.
+    """Read the evaluation data, tokenize it and split it into disjoint search and report parts.
+
+    Args:
+        evaluation: a validated ``evaluation`` section (paths resolved).
+        tokenizer: the base model's tokenizer.
+        seed: shuffles the data before it is split (and seeds lm-eval's few-shot sampling).
 
     Raises:
-        EvaluationDataError: the file is unreadable, malformed, or too small for the two splits.
+        EvaluationDataError: the data is unreadable, malformed, or too small for the two splits.
     """
+    if evaluation.kind == "lm_eval":
+        from engine.evolve.lmeval import load_lm_eval  # the optional extra: imported only when asked for
+
+        return load_lm_eval(evaluation, tokenizer, seed=seed)
     path = evaluation.data
+    if path is None:  # validate_search reports this; an Evaluation built by hand may still lack it
+        raise SearchFileError.single("evaluation.data", f"is required for kind: {evaluation.kind}")
     units: list[Any]
     if evaluation.kind == "perplexity":
         text = _read_text(path)
@@ -111,7 +136,7 @@ def load_evaluator(evaluation: Evaluation, tokenizer: Tokenizer, *, seed: int) -
     search = tuple(units[i] for i in order[: evaluation.search_size])
     report = tuple(units[i] for i in order[evaluation.search_size : need])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return Evaluator(
+    return FileEvaluator(
         kind=evaluation.kind,
         direction="minimize" if evaluation.kind == "perplexity" else "maximize",
         splits={"search": search, "report": report},

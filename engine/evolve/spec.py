@@ -16,6 +16,14 @@ and line::
     budget: {trials: 50, minutes: 120}
     seed: 0
 
+Evaluations (see :mod:`engine.evolve.evaluate`): ``perplexity`` on a text file, ``exact_match`` or
+``loglikelihood`` on a JSONL file of prompt/answer items, or ``lm_eval`` with lm-evaluation-harness
+tasks (the optional ``lm-eval`` extra; see :mod:`engine.evolve.lmeval`), where ``data`` is an
+optional folder of task YAML files::
+
+    evaluation: {kind: lm_eval, tasks: [arc_easy], search_size: 64, report_size: 64}
+    evaluation: {kind: lm_eval, tasks: [my_task], data: ./tasks, search_size: 64, report_size: 64}
+
 Relative paths (models, data) are read from the search file's folder; model folders are written
 into recipes as absolute paths, so the recipes the search writes load from anywhere.
 """
@@ -24,9 +32,11 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import json
 import os
-from typing import Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,7 +48,7 @@ from engine.methods import METHODS, unknown_method_message
 from engine.methods.base import MethodSpec, ParamSpec, Scope
 from engine.yaml_locations import describe, line_index
 
-EvaluationKind = Literal["perplexity", "exact_match", "loglikelihood"]
+EvaluationKind = Literal["lm_eval", "perplexity", "exact_match", "loglikelihood"]
 BaselineName = Literal["linear", "ties"]
 SEARCHABLE_KINDS = ("float", "int")
 PER_MODEL_SCOPES = (Scope.INPUT, Scope.NON_BASE)
@@ -62,15 +72,18 @@ class Range(_Strict):
 
 
 class Evaluation(_Strict):
-    """How a merge is scored, on which file, and how the file is split between search and report."""
+    """How a merge is scored, on which data, and how the data is split between search and report."""
 
     kind: EvaluationKind
-    data: str = Field(min_length=1)
-    search_size: int = Field(gt=0)
+    # the data file; lm_eval: an optional folder of task YAML files (lm-eval's include_path)
+    data: str | None = Field(default=None, min_length=1)
+    search_size: int = Field(gt=0)  # lm_eval: documents per task
     report_size: int = Field(gt=0)
     block_size: int = Field(default=128, ge=2)  # perplexity: tokens per scored block
     max_new_tokens: int | None = Field(default=None, gt=0)  # exact_match: default, the answer's length
     batch_size: int = Field(default=8, gt=0)
+    tasks: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, min_length=1)  # lm_eval
+    num_fewshot: int | None = Field(default=None, ge=0)  # lm_eval: default, each task's own
 
 
 class Budget(_Strict):
@@ -262,13 +275,15 @@ def _resolve_paths(spec: SearchSpec, base_dir: str | None) -> SearchSpec:
         return ref  # a Hub id; the checks below refuse it with a clear message
 
     data = spec.evaluation.data
-    if not os.path.isabs(data) and base_dir:
-        data = os.path.join(base_dir, data)
+    if data is not None:
+        if not os.path.isabs(data) and base_dir:
+            data = os.path.join(base_dir, data)
+        data = os.path.abspath(data)
     return spec.model_copy(
         update={
             "base_model": model(spec.base_model),
             "models": [model(m) for m in spec.models],
-            "evaluation": spec.evaluation.model_copy(update={"data": os.path.abspath(data)}),
+            "evaluation": spec.evaluation.model_copy(update={"data": data}),
         }
     )
 
@@ -300,10 +315,7 @@ def _semantic_problems(spec: SearchSpec, *, check_recipe: bool = True) -> list[t
             problems.append((("models", i), f"'{ref}' is not a model folder; download it first"))
     if len(set(spec.models)) != len(spec.models):
         problems.append((("models",), "the same model is listed twice"))
-    if not os.path.isfile(spec.evaluation.data):
-        problems.append((("evaluation", "data"), f"no file at {spec.evaluation.data}"))
-    if spec.evaluation.kind == "perplexity" and spec.evaluation.max_new_tokens is not None:
-        problems.append((("evaluation", "max_new_tokens"), "only used by kind: exact_match"))
+    problems.extend(_evaluation_problems(spec.evaluation))
 
     names = [p.name for p in method.params]
     for pname, rng in spec.parameters.items():
@@ -338,6 +350,61 @@ def _semantic_problems(spec: SearchSpec, *, check_recipe: bool = True) -> list[t
                 else ""
             )
             problems.append((where, f"the recipes this search builds would be invalid: {problem}{hint}"))
+    return problems
+
+
+LM_EVAL_ONLY = ("tasks", "num_fewshot")
+
+
+def lm_eval_installed() -> bool:
+    """Whether lm-evaluation-harness can be imported (without importing it: that takes seconds)."""
+    try:
+        return importlib.util.find_spec("lm_eval") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules holds None for it
+        return False
+
+
+def _evaluation_problems(evaluation: Evaluation) -> list[tuple[tuple[Any, ...], str]]:
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    data = evaluation.data
+    if evaluation.kind != "lm_eval":
+        if data is None:
+            problems.append((("evaluation", "data"), "is required"))
+        elif not os.path.isfile(data):
+            problems.append((("evaluation", "data"), f"no file at {data}"))
+        for key in LM_EVAL_ONLY:
+            if getattr(evaluation, key) is not None:
+                problems.append((("evaluation", key), "only used by kind: lm_eval"))
+        if evaluation.kind == "perplexity" and evaluation.max_new_tokens is not None:
+            problems.append((("evaluation", "max_new_tokens"), "only used by kind: exact_match"))
+        return problems
+
+    if not lm_eval_installed():
+        problems.append(
+            (
+                ("evaluation", "kind"),
+                "lm_eval needs lm-evaluation-harness, which is not installed; "
+                "install it with `pip install 'mergebot[lm-eval]'`",
+            )
+        )
+    if evaluation.tasks is None:
+        problems.append(
+            (("evaluation", "tasks"), "is required for kind: lm_eval (lm-eval task names, e.g. [arc_easy])")
+        )
+    if data is not None:
+        if not os.path.isdir(data):
+            problems.append(
+                (
+                    ("evaluation", "data"),
+                    f"no folder at {data}; for kind: lm_eval, `data` is a folder of lm-eval task YAML files",
+                )
+            )
+        elif not any(p.suffix in (".yaml", ".yml") for p in Path(data).rglob("*")):
+            problems.append((("evaluation", "data"), f"{data} holds no lm-eval task YAML files"))
+    if evaluation.max_new_tokens is not None:
+        problems.append((("evaluation", "max_new_tokens"), "only used by kind: exact_match"))
+    if "block_size" in evaluation.model_fields_set:
+        problems.append((("evaluation", "block_size"), "only used by kind: perplexity"))
     return problems
 
 
