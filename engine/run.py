@@ -27,9 +27,11 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from engine import kernels
 from engine.config import MergeConfig
 from engine.errors import MergeError, OutputError, RecipeError
 from engine.methods.base import MergeCall
@@ -227,8 +229,9 @@ def _execute(
     if not total:
         return
 
-    def fetch(task: TensorTask) -> list[torch.Tensor] | None:
-        return None if _sliceable(plan, task, sources, device) else read_inputs(task, sources, device)
+    def fetch(task: TensorTask) -> tuple[InputMode, list[torch.Tensor] | None]:
+        mode = input_mode(plan, task, sources, device)
+        return mode, read_inputs(task, sources, device) if mode == "read" else None
 
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebot-read") as reader,
@@ -237,10 +240,10 @@ def _execute(
         pending = reader.submit(fetch, tasks[0])
         writes: deque[Future[None]] = deque()
         for done, task in enumerate(tasks):
-            inputs = pending.result()
+            mode, inputs = pending.result()
             if done + 1 < total:
                 pending = reader.submit(fetch, tasks[done + 1])
-            result = combine_by_slices(plan, task, sources) if inputs is None else combine(plan, task, inputs)
+            result = merge_task(plan, task, sources, mode, inputs)
             del inputs
             while len(writes) >= 2:
                 writes.popleft().result()
@@ -253,19 +256,69 @@ def _execute(
 
 
 SLICE_ELEMENTS = 1 << 18  # 1 MiB of float32 per input: stays in cache while it is merged
+KERNEL_STORED = {"BF16", "F32"}
+
+InputMode = Literal["read", "slices", "views"]
 
 
-def _sliceable(
+def input_mode(
     plan: MergePlan, task: TensorTask, sources: Mapping[str, ModelSource], device: torch.device
-) -> bool:
-    """Whether this tensor can be merged slice by slice straight from the memory-mapped inputs."""
-    return (
-        plan.method.elementwise
-        and device.type == "cpu"
+) -> InputMode:
+    """How one tensor's inputs reach its method; every caller (run_merge, evolve) asks here.
+
+    ``read``: whole, in the compute dtype (:func:`read_inputs`). ``views``: zero-copy views of
+    the files as stored, for methods that stream (the task-vector family, and elementwise
+    methods where the fused kernels run). ``slices``: elementwise methods in torch, slice by
+    slice from the views (:func:`combine_by_slices`). Views only where the recipe's
+    ``dtype`` would not round the inputs: a view cannot be rounded without a copy.
+    """
+    if not (
+        device.type == "cpu"
         and task.vocab_axis is None
         and DTYPES[task.dtype][0].is_floating_point
         and all(hasattr(sources[item.model], "view") for item in task.inputs)
-    )
+    ):
+        return "read"
+    method = plan.method
+    if method.streams:
+        stored = {sources[item.model].tensors()[item.tensor].dtype for item in task.inputs}
+        unrounded = task.read_dtype in (None, "F32") or stored == {task.read_dtype}
+        if method.elementwise:  # streamed only for the kernels; else slices do better in torch
+            if (
+                unrounded
+                and kernels.available()
+                and len(stored) == 1
+                and stored <= KERNEL_STORED
+                and DTYPES[task.dtype][0] in kernels.KERNEL_DTYPES
+            ):
+                return "views"
+        elif unrounded and all(DTYPES[name][0].is_floating_point for name in stored):
+            return "views"
+    return "slices" if method.elementwise else "read"
+
+
+def merge_task(
+    plan: MergePlan,
+    task: TensorTask,
+    sources: Mapping[str, ModelSource],
+    mode: InputMode,
+    inputs: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One output tensor, its inputs reaching the method as ``mode`` says (``read``: ``inputs``)."""
+    if mode == "read":
+        if inputs is None:
+            raise ValueError("read mode needs the inputs")
+        return combine(plan, task, inputs)
+    if mode == "slices":
+        return combine_by_slices(plan, task, sources)
+    return combine_from_views(plan, task, sources)
+
+
+def combine_from_views(plan: MergePlan, task: TensorTask, sources: Mapping[str, ModelSource]) -> torch.Tensor:
+    """Merge one tensor with a streaming method, its inputs zero-copy views of the files."""
+    with ExitStack() as stack:
+        views = [stack.enter_context(sources[i.model].view(i.tensor)) for i in task.inputs]  # type: ignore[attr-defined]
+        return combine(plan, task, views)
 
 
 def combine_by_slices(plan: MergePlan, task: TensorTask, sources: Mapping[str, ModelSource]) -> torch.Tensor:
@@ -332,6 +385,7 @@ def _call(task: TensorTask, tensors: list[torch.Tensor]) -> MergeCall:
         input_params=task.input_params,
         seeds=task.seeds,
         tensor_name=task.name,
+        out_dtype=DTYPES[task.dtype][0],
     )
 
 

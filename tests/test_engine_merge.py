@@ -352,8 +352,8 @@ def test_on_shard_sees_each_finished_shard_once(llama_family: Family, tmp_path: 
     }
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "passthrough"])
-def test_slice_by_slice_merging_gives_the_same_bytes(
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "passthrough", "ties", "dare_ties"])
+def test_every_input_mode_gives_the_same_bytes(
     llama_family: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
     import engine.run as run_module
@@ -361,6 +361,12 @@ def test_slice_by_slice_merging_gives_the_same_bytes(
     base, a, b = llama_family.base, llama_family.finetunes[0], llama_family.finetunes[1]
     if method == "passthrough":
         text = f"merge_method: passthrough\nmodels:\n  - model: {a}\n    parameters: {{scale: 0.7}}\n"
+    elif method in ("ties", "dare_ties"):
+        text = (
+            f"merge_method: {method}\nbase_model: {base}\nmodels:\n"
+            f"  - model: {a}\n    parameters: {{weight: [0.2, 0.9], density: 0.4}}\n"
+            f"  - model: {b}\n    parameters: {{weight: -0.4, density: 0.7}}\ndtype: bfloat16\n"
+        )
     else:
         base_line = f"base_model: {base}\n" if method == "task_arithmetic" else ""
         text = (
@@ -370,7 +376,17 @@ def test_slice_by_slice_merging_gives_the_same_bytes(
         )
     recipe = load_recipe(text)
     monkeypatch.setattr(run_module, "SLICE_ELEMENTS", 100)  # many slices, ragged last one
-    run_merge(recipe, tmp_path / "sliced")
-    monkeypatch.setattr(run_module, "_sliceable", lambda *args: False)
-    run_merge(recipe, tmp_path / "whole")
-    assert digest(tmp_path / "sliced") == digest(tmp_path / "whole")
+    run_merge(recipe, tmp_path / "default")  # the fused kernels where they run
+    chosen = run_module.input_mode
+    for mode in ("slices", "read"):
+        monkeypatch.setattr(
+            run_module,
+            "input_mode",
+            lambda plan, *args, m=mode: m if m == "read" or plan.method.elementwise else "read",
+        )
+        run_merge(recipe, tmp_path / mode)
+        assert digest(tmp_path / mode) == digest(tmp_path / "default"), mode
+    monkeypatch.setattr(run_module, "input_mode", chosen)
+    monkeypatch.setenv("MERGEBOT_KERNELS", "torch")  # streaming methods in torch, from views
+    run_merge(recipe, tmp_path / "torch")
+    assert digest(tmp_path / "torch") == digest(tmp_path / "default")

@@ -3,10 +3,9 @@
 Why the inputs stay resident as they are stored (bf16 for a bf16 checkpoint) rather than as
 precomputed task vectors: a trial must give exactly the tensors ``run_merge`` writes for the
 recipe it reports. The resident models are served through the engine's own
-:func:`engine.run.read_inputs` and :func:`engine.run.combine` (the method functions, the plan's
-resolved parameters and its per-tensor DARE seeds), or :func:`engine.run.combine_by_slices` where
-run_merge merges an elementwise method by slices, so the arithmetic is the same code on the same
-float32 values and the result is byte-equal. A bf16 model costs 2 bytes a parameter either
+:func:`engine.run.input_mode` and :func:`engine.run.merge_task` (the method functions, the plan's
+resolved parameters and its per-tensor DARE seeds, the same fused kernels or slices), so the
+arithmetic is the same code on the same float32 values and the result is byte-equal. A bf16 model costs 2 bytes a parameter either
 way; a task vector ``model - base`` kept in bf16 would round, and in float32 would cost twice as
 much. The methods subtract the base themselves, one tensor at a time: per trial, that is one
 subtraction per element next to a forward pass over the evaluation data.
@@ -29,7 +28,7 @@ import torch
 from engine.config import MergeConfig
 from engine.errors import IncompatibleModelsError
 from engine.plan import MergePlan, ModelMeta, TensorTask, build_plan
-from engine.run import combine, combine_by_slices, read_inputs
+from engine.run import InputMode, input_mode, merge_task, read_inputs
 from engine.sources import ModelSource, TensorInfo, open_model
 from engine.sources.safetensors_file import DTYPES
 
@@ -103,29 +102,21 @@ class InMemoryMerger:
         tasks = plan.tasks
         if not tasks:
             return
-        # As in run_merge: a reader thread converts the next tensor's inputs while this one merges,
-        # and elementwise methods merge by slices on the CPU (run.combine_by_slices: same numbers).
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebot-evolve-read") as reader:
-            pending = reader.submit(self._fetch, plan, tasks[0])
-            for index, task in enumerate(tasks):
-                inputs = pending.result()
-                if index + 1 < len(tasks):
-                    pending = reader.submit(self._fetch, plan, tasks[index + 1])
-                if inputs is None:  # merged straight from the resident tensors, slice by slice
-                    yield task.name, combine_by_slices(plan, task, self.sources)
-                else:
-                    yield task.name, combine(plan, task, inputs)
-                del inputs
 
-    def _fetch(self, plan: MergePlan, task: TensorTask) -> list[torch.Tensor] | None:
-        """The inputs in the compute dtype, or None where run_merge merges by slices (same numbers)."""
-        by_slices = (
-            plan.method.elementwise
-            and self.device.type == "cpu"
-            and task.vocab_axis is None
-            and DTYPES[task.dtype][0].is_floating_point
-        )
-        return None if by_slices else read_inputs(task, self.sources, self.device)
+        # As in run_merge: a reader thread converts the next tensor's inputs while this one merges,
+        # and each tensor's inputs reach the method as run_merge's would (same path, same numbers).
+        def fetch(task: TensorTask) -> tuple[InputMode, list[torch.Tensor] | None]:
+            mode = input_mode(plan, task, self.sources, self.device)
+            return mode, read_inputs(task, self.sources, self.device) if mode == "read" else None
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebot-evolve-read") as reader:
+            pending = reader.submit(fetch, tasks[0])
+            for index, task in enumerate(tasks):
+                mode, inputs = pending.result()
+                if index + 1 < len(tasks):
+                    pending = reader.submit(fetch, tasks[index + 1])
+                yield task.name, merge_task(plan, task, self.sources, mode, inputs)
+                del inputs
 
     def output_dtype(self, config: MergeConfig) -> torch.dtype:
         """The dtype most float output tensors of ``config`` have: the resident model's dtype."""

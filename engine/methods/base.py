@@ -89,7 +89,9 @@ class MergeCall:
     """Everything one output tensor's merge needs, already resolved to numbers.
 
     ``tensors`` are in the compute dtype (float32, or float64 when asked for), all with the
-    same shape. ``input_params[i]`` holds the per-model parameters of ``tensors[i]``; for the
+    same shape; for a method that ``streams``, they may also be read-only views of the files
+    in their stored dtype, which the method widens slice by slice. ``out_dtype`` is the dtype
+    the engine stores the result in: a method may return that directly (None: compute dtype). ``input_params[i]`` holds the per-model parameters of ``tensors[i]``; for the
     base it holds only INPUT-scope parameters. ``seeds[i]`` seeds any randomness applied to
     input ``i``, so results never depend on the order tensors are processed in.
     """
@@ -100,6 +102,7 @@ class MergeCall:
     input_params: Sequence[Mapping[str, ParamValue]]
     seeds: Sequence[int]
     tensor_name: str = ""
+    out_dtype: torch.dtype | None = None
 
     @property
     def base(self) -> torch.Tensor:
@@ -129,6 +132,9 @@ class MethodSpec:
     # Each output element depends only on the same element of the inputs, so the engine may
     # merge a tensor slice by slice (exactly the same numbers, far less memory traffic).
     elementwise: bool = False
+    # ``merge`` accepts the inputs as zero-copy views in their stored dtype (see MergeCall):
+    # the engine then never reads whole inputs into float32 for it.
+    streams: bool = False
     aliases: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> ParamSpec | None:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
+from engine import kernels
 from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
+from engine.parallel import map_on_cores
+
+SLICE = 1 << 18
 
 
 def linear(call: MergeCall) -> torch.Tensor:
@@ -14,10 +21,30 @@ def linear(call: MergeCall) -> torch.Tensor:
         if abs(total) < 1e-12:
             raise ValueError("the weights sum to 0, so they cannot be normalized; set normalize: false")
         weights = [w / total for w in weights]  # normalized first: one model at any weight is itself
+    if kernels.fits(call.tensors, call.out_dtype):
+        return _linear_kernel(call.tensors, weights, call.out_dtype or torch.float32)
     out = call.tensors[0] * weights[0]
     for tensor, weight in zip(call.tensors[1:], weights[1:], strict=True):
         out.add_(tensor, alpha=weight)
     return out
+
+
+def _linear_kernel(
+    tensors: Sequence[torch.Tensor], weights: list[float], out_dtype: torch.dtype
+) -> torch.Tensor:
+    """The weighted sum as one fused loop over slices of the (stored) inputs."""
+    shape = tensors[0].shape
+    arrays = tuple(kernels.as_array(t) for t in tensors)
+    out_tensor = torch.empty(shape, dtype=out_dtype)
+    out = kernels.as_array(out_tensor)
+    weight_array = np.array(weights, dtype=np.float32)
+    n = out.shape[0]
+
+    def merge_slice(start: int) -> None:
+        kernels.weighted_sum(arrays, start, min(start + SLICE, n), weight_array, out)
+
+    map_on_cores(merge_slice, range(0, n, SLICE), parallel=n > SLICE)
+    return out_tensor
 
 
 SPEC = MethodSpec(
@@ -30,4 +57,5 @@ SPEC = MethodSpec(
     ),
     merge=linear,
     elementwise=True,
+    streams=True,
 )

@@ -26,8 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import numpy as np
 import torch
 
+from engine import kernels
 from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
 from engine.methods.sparsify import (
     DRAW_BLOCK,
@@ -144,7 +146,30 @@ def sparse_merge_by_slices(call: MergeCall, sparsifier: Sparsifier, consensus: C
     streaming through memory. Element by element the arithmetic is that of the one-shot
     formula; DARE's masks come from per-slice generators (the same seed gives the same
     bytes, whatever the order or the number of threads).
+
+    The inputs may be in their stored dtype (zero-copy views of the files): each slice is
+    widened to float32 as it is used, so no input ever exists whole in float32. Where
+    :mod:`engine.kernels` can run (numba, bf16/float32 on the CPU) both passes are fused loops.
     """
+    if kernels.fits(call.tensors, call.out_dtype):
+        return _sparse_merge_kernels(call, sparsifier, consensus)
+    return _sparse_merge_torch(call, sparsifier, consensus)
+
+
+def _compute_dtype(call: MergeCall) -> torch.dtype:
+    return torch.float64 if call.base.dtype == torch.float64 else torch.float32
+
+
+def _keeps_random(call: MergeCall, others: Sequence[int]) -> list[_Keep]:
+    keeps = []
+    for i in others:
+        density = float(call.input_params[i].get("density", 1.0))
+        keeps.append(_Keep("all") if density >= 1 else _Keep("random", density=density, seed=call.seeds[i]))
+    return keeps
+
+
+def _sparse_merge_torch(call: MergeCall, sparsifier: Sparsifier, consensus: Consensus) -> torch.Tensor:
+    compute = _compute_dtype(call)
     base = call.base
     others = call.others()
     weights = [float(call.input_params[i]["weight"]) for i in others]
@@ -158,25 +183,26 @@ def sparse_merge_by_slices(call: MergeCall, sparsifier: Sparsifier, consensus: C
     def density_of(i: int) -> float:
         return float(call.input_params[i].get("density", 1.0))
 
+    def delta(flat: torch.Tensor, b: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        return flat[start:end].to(compute) - b  # a fresh tensor: the slice's own temporary
+
     if sparsifier == "magnitude":
         keeps = map_on_cores(
-            lambda i: _plan_trim(call.tensors[i] - base, density_of(i), rescale),
+            lambda i: _plan_trim(call.tensors[i].to(compute) - base.to(compute), density_of(i), rescale),
             others,
             parallel=parallel,
             workers=len(others),
         )
     else:
-        keeps = [
-            _Keep("all") if density_of(i) >= 1 else _Keep("random", density=density_of(i), seed=call.seeds[i])
-            for i in others
-        ]
+        keeps = _keeps_random(call, others)
         if rescale and any(k.kind == "random" for k in keeps):
 
             def norms(start: int) -> list[tuple[float, float]]:
                 end = min(start + SLICE, n)
+                b = flat_base[start:end].to(compute)
                 pairs = []
                 for flat, keep in zip(flats, keeps, strict=True):
-                    d = flat[start:end] - flat_base[start:end]
+                    d = delta(flat, b, start, end)
                     mask = keep.mask(d, start)
                     total = float(torch.linalg.vector_norm(d, 1, dtype=torch.float64))
                     kept = (
@@ -199,17 +225,17 @@ def sparse_merge_by_slices(call: MergeCall, sparsifier: Sparsifier, consensus: C
 
     normalize = bool(call.params["normalize"])
     lam = float(call.params["lambda"])
-    out = torch.empty_like(flat_base)
+    out = torch.empty(n, dtype=call.out_dtype or compute, device=base.device)
 
     def merge_slice(start: int) -> None:
         end = min(start + SLICE, n)
-        b = flat_base[start:end]
+        b = flat_base[start:end].to(compute)
         rows = []
         for flat, keep, weight in zip(flats, keeps, weights, strict=True):
-            d = flat[start:end] - b
+            d = delta(flat, b, start, end)
             mask = keep.mask(d, start)
             if mask is not None:
-                d.mul_(mask)  # d is this slice's own temporary
+                d.mul_(mask)
                 if keep.scale != 1.0:
                     d.mul_(keep.scale)
             rows.append(d.mul_(weight))
@@ -222,6 +248,160 @@ def sparse_merge_by_slices(call: MergeCall, sparsifier: Sparsifier, consensus: C
     return out.reshape(base.shape)
 
 
+PASS1_SLICE = 1 << 20  # elements per histogram pass job: streaming, so larger than SLICE
+
+
+def _kernel_cut(model: np.ndarray, base: np.ndarray, n: int, k: int, rescale: bool) -> _Keep:
+    """The exact top-k cut of ``|model - base|`` by a radix selection on the float32 bit patterns.
+
+    For non-negative floats the bit pattern orders like the value, so two histogram passes
+    (the 15 high bits, then the 16 low bits inside the bin that holds the k-th largest) give
+    the exact k-th largest value, in linear time and constant memory. Ties at the cut are
+    broken by position, as ``sparsify.topk_cut`` does, with one more pass when needed.
+    """
+    starts = range(0, n, PASS1_SLICE)
+
+    def bounds(start: int) -> tuple[int, int]:
+        return start, min(start + PASS1_SLICE, n)
+
+    high = np.sum(
+        map_on_cores(lambda s: kernels.magnitude_histograms(model, base, *bounds(s)), starts), axis=0
+    )
+    high_bin, above = _bin_of_kth(high, k)
+    low = np.sum(
+        map_on_cores(lambda s: kernels.magnitude_low_histogram(model, base, *bounds(s), high_bin), starts),
+        axis=0,
+    )
+    low_bin, above_low = _bin_of_kth(low, k - above)
+    above += above_low
+    threshold = float(np.array([(high_bin << 16) | low_bin], dtype=np.uint32).view(np.float32)[0])
+    missing = k - above  # entries equal to the threshold that are kept, by position
+    equal = int(low[low_bin])
+    last_tie = n - 1
+    scale = 1.0
+    if missing < equal or rescale:
+        sums = map_on_cores(
+            lambda s: kernels.magnitude_sums(model, base, *bounds(s), threshold, rescale), starts
+        )
+        if missing < equal:
+            seen = 0
+            for start, (count, _, _) in zip(starts, sums, strict=True):
+                if seen + count >= missing:
+                    last_tie = kernels.nth_equal(model, base, *bounds(start), threshold, missing - seen)
+                    break
+                seen += count
+        if rescale:
+            before = sum(total for _, total, _ in sums)
+            after = sum(kept for _, _, kept in sums) + missing * threshold
+            scale = l1_scale(before, after)
+    return _Keep("magnitude", scale, threshold, last_tie)
+
+
+def _bin_of_kth(counts: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry, and how many entries lie in the bins above it."""
+    from_top = np.cumsum(counts[::-1])
+    j = int(np.searchsorted(from_top, k))  # first j with from_top[j] >= k
+    return len(counts) - 1 - j, int(from_top[j - 1]) if j > 0 else 0
+
+
+KIND_CODES = {"all": 0, "magnitude": 1, "random": 2}
+CONSENSUS_CODES = {None: 0, "sum": 1, "count": 2}
+_NO_DRAWS = np.zeros(0, dtype=np.float32)
+
+
+def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Consensus) -> torch.Tensor:
+    base_tensor = call.base
+    others = call.others()
+    n = base_tensor.numel()
+    base = kernels.as_array(base_tensor)
+    models = [kernels.as_array(call.tensors[i]) for i in others]
+    weights = [float(call.input_params[i]["weight"]) for i in others]
+    rescale = bool(call.params["rescale"])
+    starts = range(0, n, SLICE)
+
+    if sparsifier == "magnitude":
+        keeps = []
+        for i, model in zip(others, models, strict=True):
+            density = float(call.input_params[i].get("density", 1.0))
+            if density >= 1 or n == 0:
+                keeps.append(_Keep("all"))
+            else:
+                keeps.append(_kernel_cut(model, base, n, max(1, int(density * n)), rescale))
+    else:
+        keeps = _keeps_random(call, others)
+        if rescale and any(k.kind == "random" for k in keeps):
+
+            def norms(start: int) -> list[tuple[float, float]]:
+                end = min(start + SLICE, n)
+                pairs = []
+                for model, keep in zip(models, keeps, strict=True):
+                    if keep.kind == "random":
+                        draws = uniform_draws(keep.seed, start, end - start).numpy()
+                        pairs.append(kernels.random_sums(model, base, start, end, draws, keep.density))
+                    else:
+                        pairs.append((0.0, 0.0))
+                return pairs
+
+            per_slice = map_on_cores(norms, starts)
+            keeps = [
+                replace(
+                    keep, scale=l1_scale(sum(p[m][0] for p in per_slice), sum(p[m][1] for p in per_slice))
+                )
+                if keep.kind == "random"
+                else keep
+                for m, keep in enumerate(keeps)
+            ]
+
+    out_tensor = torch.empty(n, dtype=call.out_dtype or torch.float32)
+    out = kernels.as_array(out_tensor)
+    weight_array = np.array(weights, dtype=np.float32)
+    total = float(sum(weights))
+    weight_sum = 1.0 if consensus is None and abs(total) < 1e-8 else total
+    code = CONSENSUS_CODES[consensus]
+
+    def merge_slice(start: int) -> None:
+        end = min(start + SLICE, n)
+        rows = np.empty((len(models), end - start), dtype=np.float32)
+        totals = np.empty(end - start, dtype=np.float32)
+        for r, (model, keep, weight) in enumerate(zip(models, keeps, weights, strict=True)):
+            draws = (
+                uniform_draws(keep.seed, start, end - start).numpy() if keep.kind == "random" else _NO_DRAWS
+            )
+            kernels.kept_delta_row(
+                model,
+                base,
+                start,
+                end,
+                kind=KIND_CODES[keep.kind],
+                threshold=keep.threshold,
+                last_tie=keep.last_tie,
+                draws=draws,
+                density=keep.density,
+                scale=keep.scale,
+                weight=weight,
+                row=rows[r],
+                totals=totals,
+                consensus=code,
+                first=r == 0,
+            )
+        kernels.combine_rows(
+            base,
+            start,
+            end,
+            rows=rows,
+            weights=weight_array,
+            totals=totals,
+            consensus=code,
+            weight_sum=weight_sum,
+            normalize=bool(call.params["normalize"]),
+            lam=float(call.params["lambda"]),
+            out=out,
+        )
+
+    map_on_cores(merge_slice, starts, parallel=n > SLICE)
+    return out_tensor.reshape(base_tensor.shape)
+
+
 def generalized_task_arithmetic(
     call: MergeCall, sparsifier: Sparsifier, consensus: Consensus
 ) -> torch.Tensor:
@@ -229,7 +409,9 @@ def generalized_task_arithmetic(
     others = call.others()
     if not others:
         return base
-    if sparsifier in ("magnitude", "random"):
+    if sparsifier in ("magnitude", "random") or (
+        sparsifier is None and kernels.fits(call.tensors, call.out_dtype)
+    ):
         return sparse_merge_by_slices(call, sparsifier, consensus)
     weights = [float(call.input_params[i]["weight"]) for i in others]
     rescale = bool(call.params["rescale"])
@@ -329,6 +511,7 @@ def _spec(
         needs_base=True,
         randomized=sparsifier in ("random", "della_magprune"),
         elementwise=sparsifier is None and consensus is None,
+        streams=sparsifier in ("magnitude", "random") or (sparsifier is None and consensus is None),
     )
 
 

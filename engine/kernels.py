@@ -1,0 +1,427 @@
+"""Fused CPU loops for the hottest merges, compiled by numba when it is installed.
+
+Why: a task-vector merge written as torch operations runs a dozen passes over every
+element (convert, subtract, compare, mask, weigh, vote, agree, divide, add, round), each a
+separate trip through memory with a thread barrier. Fused, each element is loaded once,
+worked on in registers and stored once, in stored precision (bf16 bits are widened to
+float32 in the loop). The arithmetic is the torch path's, operation for operation in float32,
+so results equal it (tests compare both; the last bf16 digit may differ where torch uses a
+fused multiply-add).
+
+Every loop takes flat arrays and a ``[start, end)`` range, so the caller spreads slices over
+the cores (``engine.parallel.map_on_cores``); the loops release the GIL. Stored bf16 arrives as
+``uint16`` bits, float32 as ``float32``; other dtypes take the torch path.
+
+Without numba (or with ``MERGEBOT_KERNELS=torch``) :func:`available` is False and callers use
+their torch code. Compiled loops are cached on disk by numba, so only a machine's first merge
+pays the compile (about a second per loop).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+try:  # numba is an optional accelerator: everything works without it, more slowly
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic, overload
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised where numba is missing
+    HAVE_NUMBA = False
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+HIGH_BINS = 1 << 15  # |x| has no sign bit: 15 high bits of the float32 pattern
+LOW_BINS = 1 << 16
+
+
+def available() -> bool:
+    """Whether the fused loops can be used (numba present and not turned off)."""
+    return HAVE_NUMBA and os.environ.get("MERGEBOT_KERNELS", "numba").lower() != "torch"
+
+
+def as_array(tensor: torch.Tensor) -> np.ndarray[Any, Any]:
+    """A flat numpy view of a CPU tensor in a kernel dtype (bf16 as its uint16 bits), no copy."""
+    flat = tensor.reshape(-1)
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    if flat.dtype == torch.float32:
+        return flat.numpy()
+    raise TypeError(f"no kernel for {flat.dtype}")
+
+
+def fits(tensors: Sequence[torch.Tensor], out_dtype: torch.dtype | None) -> bool:
+    """Whether a merge of these inputs into ``out_dtype`` can run in the kernels (one input dtype)."""
+    return (
+        (out_dtype or torch.float32) in KERNEL_DTYPES
+        and len({t.dtype for t in tensors}) == 1
+        and len({t.shape for t in tensors}) == 1
+        and supports(*tensors)
+    )
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors can go through the kernels (CPU, bf16 or float32, contiguous)."""
+    return available() and all(
+        t.device.type == "cpu" and t.dtype in KERNEL_DTYPES and t.is_contiguous() for t in tensors
+    )
+
+
+if HAVE_NUMBA:
+
+    @intrinsic
+    def _float_from_bits(typingctx: Any, bits: Any) -> Any:
+        # numba widens integer arithmetic to 64 bits: the low 32 are the float's pattern
+        if not isinstance(bits, types.Integer):
+            return None
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            value = args[0]
+            if bits.bitwidth != 32:
+                value = (
+                    builder.trunc(value, ir.IntType(32))
+                    if bits.bitwidth > 32
+                    else builder.zext(value, ir.IntType(32))
+                )
+            return builder.bitcast(value, ir.FloatType())
+
+        return types.float32(bits), codegen
+
+    @intrinsic
+    def _bits_from_float(typingctx: Any, value: Any) -> Any:
+        if value != types.float32:
+            return None
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.uint32(types.float32), codegen
+
+    @intrinsic
+    def _fma(typingctx: Any, x: Any, y: Any, z: Any) -> Any:
+        # x * y + z rounded once, as torch's vectorized add(alpha=...) computes it
+        if not (x == y == z == types.float32):
+            return None
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.fma(*args)
+
+        return types.float32(types.float32, types.float32, types.float32), codegen
+
+    # numba matches an overload's signature to its stub's, annotations included: none here
+
+    def load(array, i):  # type: ignore[no-untyped-def]  # compiled code gets the overload below
+        raise NotImplementedError
+
+    def store(array, i, value):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    @overload(load, inline="always")
+    def _load(array, i):  # type: ignore[no-untyped-def]
+        if array.dtype == types.uint16:
+            return lambda array, i: _float_from_bits(np.uint32(array[i]) << np.uint32(16))
+        if array.dtype == types.float32:
+            return lambda array, i: array[i]
+        return None
+
+    @overload(store, inline="always")
+    def _store(array, i, value):  # type: ignore[no-untyped-def]
+        if array.dtype == types.uint16:
+
+            def to_bf16(array, i, value):  # type: ignore[no-untyped-def]
+                # round to nearest even, as torch's float -> bfloat16 conversion; NaN stays NaN
+                bits = _bits_from_float(value)
+                if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                    array[i] = np.uint16(0x7FC0)
+                else:
+                    bias = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+                    array[i] = np.uint16((bits + bias) >> np.uint32(16))
+
+            return to_bf16
+        if array.dtype == types.float32:
+
+            def to_f32(array, i, value):  # type: ignore[no-untyped-def]
+                array[i] = value
+
+            return to_f32
+        return None
+
+    @njit(nogil=True, cache=True)
+    def _magnitude_high_histogram(model: Any, base: Any, start: int, end: int) -> Any:
+        counts = np.zeros(HIGH_BINS, np.int64)
+        for i in range(start, end):
+            bits = _bits_from_float(load(model, i) - load(base, i)) & np.uint32(0x7FFFFFFF)
+            counts[bits >> np.uint32(16)] += 1
+        return counts
+
+    @njit(nogil=True, cache=True)
+    def _magnitude_low_histogram(model: Any, base: Any, start: int, end: int, high: int) -> Any:
+        counts = np.zeros(LOW_BINS, np.int64)
+        for i in range(start, end):
+            bits = _bits_from_float(load(model, i) - load(base, i)) & np.uint32(0x7FFFFFFF)
+            if (bits >> np.uint32(16)) == high:
+                counts[bits & np.uint32(0xFFFF)] += 1
+        return counts
+
+    @njit(nogil=True, cache=True)
+    def _magnitude_sums(model: Any, base: Any, start: int, end: int, threshold: Any, sums: bool) -> Any:
+        # (count == threshold, sum |d|, sum |d| over |d| > threshold), sums in float64, four
+        # interleaved partial sums (a fixed order: deterministic, and not one long dependency chain)
+        equal = 0
+        total = np.zeros(4, np.float64)
+        above = np.zeros(4, np.float64)
+        zero = np.float32(0.0)
+        for i in range(start, end):
+            a = abs(load(model, i) - load(base, i))
+            equal += a == threshold
+            if sums:
+                total[i & 3] += a
+                above[i & 3] += a if a > threshold else zero
+        return equal, total.sum(), above.sum()
+
+    @njit(nogil=True, cache=True)
+    def _random_sums(model: Any, base: Any, start: int, end: int, draws: Any, density: Any) -> Any:
+        # (sum |d|, sum |d| over the entries a Bernoulli(density) draw keeps), in float64
+        total = 0.0
+        kept = 0.0
+        for i in range(start, end):
+            a = abs(load(model, i) - load(base, i))
+            total += a
+            if draws[i - start] < density:
+                kept += a
+        return total, kept
+
+    @njit(nogil=True, cache=True)
+    def _nth_equal(model: Any, base: Any, start: int, end: int, threshold: Any, nth: int) -> int:
+        seen = 0
+        for i in range(start, end):
+            if abs(load(model, i) - load(base, i)) == threshold:
+                seen += 1
+                if seen == nth:
+                    return i
+        return -1
+
+    @njit(nogil=True, cache=True)
+    def _kept_delta_row(
+        model: Any,
+        base: Any,
+        start: int,
+        end: int,
+        kind: int,
+        threshold: Any,
+        last_tie: int,
+        draws: Any,
+        density: Any,
+        scale: Any,
+        weight: Any,
+        row: Any,
+        totals: Any,
+        consensus: int,
+        first: bool,
+    ) -> None:
+        # one model's slice: d = (model - base) masked, rescaled, weighted; added to the vote
+        one = np.float32(1.0)
+        for i in range(start, end):
+            j = i - start
+            d = load(model, i) - load(base, i)
+            if kind == 1:  # magnitude: above the cut, or on it up to the last tie kept
+                a = abs(d)
+                if not (a > threshold or (a == threshold and i <= last_tie)):
+                    d = d * np.float32(0.0)
+            elif kind == 2 and not draws[j] < density:  # random: a Bernoulli(density) draw
+                d = d * np.float32(0.0)
+            if kind != 0 and scale != one:
+                d = d * scale
+            d = d * weight
+            row[j] = d
+            sign = np.float32(0.0) if d == 0 else (one if d > 0 else -one)
+            vote = sign if consensus == 2 else d  # count: the sum of the signs
+            totals[j] = (np.float32(0.0) if first else totals[j]) + vote
+
+    @njit(nogil=True, cache=True)
+    def _combine_rows(
+        base: Any,
+        start: int,
+        end: int,
+        rows: Any,
+        weights: Any,
+        totals: Any,
+        consensus: int,
+        weight_sum: Any,
+        normalize: bool,
+        lam: Any,
+        out: Any,
+    ) -> None:
+        # the vote, the agreeing rows' sum and its divisor, lambda, plus the base; then the store.
+        # Row by row over the slice (not element by element over the rows): loops the
+        # compiler can vectorize; the additions happen in the same order either way.
+        length = end - start
+        one = np.float32(1.0)
+        zero = np.float32(0.0)
+        if consensus != 0:
+            merged = np.zeros(length, np.float32)
+            divisor = np.zeros(length, np.float32)
+            for r in range(rows.shape[0]):
+                w = weights[r]
+                row = rows[r]
+                for j in range(length):
+                    value = row[j]
+                    agree = value > zero if totals[j] >= zero else value < zero
+                    merged[j] += value if agree else zero
+                    divisor[j] += w if agree else zero
+            for j in range(length):
+                d = divisor[j]
+                if d == zero:
+                    d = one
+                m = merged[j]
+                if normalize:
+                    m = m / d
+                if lam != one:
+                    m = m * lam
+                store(out, start + j, m + load(base, start + j))
+        else:
+            for j in range(length):
+                m = totals[j]
+                if normalize:
+                    m = m / weight_sum
+                if lam != one:
+                    m = m * lam
+                store(out, start + j, m + load(base, start + j))
+
+    @njit(nogil=True, cache=True)
+    def _weighted_sum(inputs: Any, start: int, end: int, weights: Any, out: Any) -> None:
+        # linear: x_0 * w_0, then + x_i * w_i in model order, fused multiply-adds in float32 (as torch)
+        acc = np.empty(end - start, np.float32)
+        w0 = weights[0]
+        for i in range(start, end):
+            acc[i - start] = load(inputs[0], i) * w0
+        for m in range(1, len(inputs)):
+            w = weights[m]
+            x = inputs[m]
+            for i in range(start, end):
+                acc[i - start] = _fma(load(x, i), w, acc[i - start])
+        for i in range(start, end):
+            store(out, i, acc[i - start])
+
+
+def magnitude_histograms(
+    model: np.ndarray[Any, Any], base: np.ndarray[Any, Any], start: int, end: int
+) -> Any:
+    return _magnitude_high_histogram(model, base, start, end)
+
+
+def magnitude_low_histogram(
+    model: np.ndarray[Any, Any], base: np.ndarray[Any, Any], start: int, end: int, high: int
+) -> Any:
+    return _magnitude_low_histogram(model, base, start, end, high)
+
+
+def magnitude_sums(
+    model: np.ndarray[Any, Any],
+    base: np.ndarray[Any, Any],
+    start: int,
+    end: int,
+    threshold: float,
+    sums: bool,
+) -> tuple[int, float, float]:
+    equal, total, above = _magnitude_sums(model, base, start, end, np.float32(threshold), sums)
+    return int(equal), float(total), float(above)
+
+
+def random_sums(
+    model: np.ndarray[Any, Any],
+    base: np.ndarray[Any, Any],
+    start: int,
+    end: int,
+    draws: np.ndarray[Any, Any],
+    density: float,
+) -> tuple[float, float]:
+    total, kept = _random_sums(model, base, start, end, draws, np.float32(density))
+    return float(total), float(kept)
+
+
+def nth_equal(
+    model: np.ndarray[Any, Any], base: np.ndarray[Any, Any], start: int, end: int, threshold: float, nth: int
+) -> int:
+    return int(_nth_equal(model, base, start, end, np.float32(threshold), nth))
+
+
+def kept_delta_row(
+    model: np.ndarray[Any, Any],
+    base: np.ndarray[Any, Any],
+    start: int,
+    end: int,
+    *,
+    kind: int,
+    threshold: float,
+    last_tie: int,
+    draws: np.ndarray[Any, Any],
+    density: float,
+    scale: float,
+    weight: float,
+    row: np.ndarray[Any, Any],
+    totals: np.ndarray[Any, Any],
+    consensus: int,
+    first: bool,
+) -> None:
+    _kept_delta_row(
+        model,
+        base,
+        start,
+        end,
+        kind,
+        np.float32(threshold),
+        last_tie,
+        draws,
+        np.float32(density),
+        np.float32(scale),
+        np.float32(weight),
+        row,
+        totals,
+        consensus,
+        first,
+    )
+
+
+def combine_rows(
+    base: np.ndarray[Any, Any],
+    start: int,
+    end: int,
+    *,
+    rows: np.ndarray[Any, Any],
+    weights: np.ndarray[Any, Any],
+    totals: np.ndarray[Any, Any],
+    consensus: int,
+    weight_sum: float,
+    normalize: bool,
+    lam: float,
+    out: np.ndarray[Any, Any],
+) -> None:
+    _combine_rows(
+        base,
+        start,
+        end,
+        rows,
+        weights,
+        totals,
+        consensus,
+        np.float32(weight_sum),
+        normalize,
+        np.float32(lam),
+        out,
+    )
+
+
+def weighted_sum(
+    inputs: tuple[np.ndarray[Any, Any], ...],
+    start: int,
+    end: int,
+    weights: np.ndarray[Any, Any],
+    out: np.ndarray[Any, Any],
+) -> None:
+    _weighted_sum(inputs, start, end, weights, out)

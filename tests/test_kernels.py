@@ -1,0 +1,150 @@
+"""The fused CPU loops give the torch path's bytes, and the radix cut is the exact top-k cut."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine import kernels
+from engine.methods import METHODS
+from engine.methods.base import MergeCall
+from engine.methods.sparsify import topk_cut
+from engine.methods.task_arithmetic import _kernel_cut, sparse_merge_by_slices
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is part of the install; see pyproject")
+
+
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    return values.view(torch.int16)
+
+
+def _raw(values: torch.Tensor) -> torch.Tensor:
+    """The bit patterns, so that NaNs and signed zeros compare too."""
+    return values.view(torch.int16 if values.element_size() == 2 else torch.int32)
+
+
+def test_bf16_store_rounds_to_nearest_even_like_torch() -> None:
+    special = torch.tensor(
+        [0.0, -0.0, 1.0, -1.5, 3.0e38, -3.4e38, float("inf"), float("-inf"), 1e-40, -1e-42]
+    )
+    halfway = (torch.arange(0, 1 << 16, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)  # exact ties
+    values = torch.cat([special, halfway[torch.isfinite(halfway)], torch.randn(100_000) * 1e3])
+    out = torch.empty(values.numel(), dtype=torch.bfloat16)
+    kernels.weighted_sum(
+        (kernels.as_array(values),), 0, values.numel(), np.ones(1, np.float32), kernels.as_array(out)
+    )
+    assert torch.equal(_bits(out), _bits(values.to(torch.bfloat16)))
+    nan = torch.tensor([float("nan")])
+    kernels.weighted_sum((kernels.as_array(nan),), 0, 1, np.ones(1, np.float32), kernels.as_array(out[:1]))
+    assert torch.isnan(out[0])
+
+
+def _reference_cut(model: torch.Tensor, base: torch.Tensor, k: int) -> tuple[float, int]:
+    magnitudes = (model.float() - base.float()).abs().reshape(-1)
+    return topk_cut(magnitudes, k)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 3000),
+    fraction=st.floats(0.0, 1.0),
+    zeros=st.floats(0.0, 0.9),
+    scale=st.sampled_from([1e-3, 1.0, 1e4]),
+    seed=st.integers(0, 2**16),
+)
+def test_radix_cut_is_the_exact_topk_cut(
+    n: int, fraction: float, zeros: float, scale: float, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=generator).bfloat16()
+    delta = torch.randn(n, generator=generator) * scale * 0.01
+    delta[torch.rand(n, generator=generator) < zeros] = 0.0  # unchanged entries: ties at zero
+    model = (base.float() + delta).bfloat16()  # bf16 steps: many equal magnitudes
+    k = min(n - 1, max(1, int(fraction * n)))
+    keep = _kernel_cut(kernels.as_array(model), kernels.as_array(base), n, k, rescale=False)
+    threshold, last_tie = _reference_cut(model, base, k)
+    assert keep.threshold == threshold
+    a = (model.float() - base.float()).abs()
+    positions = torch.arange(n)
+    ours = (a > keep.threshold) | ((a == keep.threshold) & (positions <= keep.last_tie))
+    theirs = (a > threshold) | ((a == threshold) & (positions <= last_tie))
+    assert torch.equal(ours, theirs)
+    assert int(ours.sum()) == k
+
+
+def _call(
+    method: str, tensors: list[torch.Tensor], params: dict[str, object], per_model: dict[str, object]
+) -> MergeCall:
+    spec = METHODS[method]
+    shared = {p.name: p.default for p in spec.params if p.scope.value == "shared"}
+    shared.update(params)
+    return MergeCall(
+        tensors=tensors,
+        base_index=0,
+        params=shared,  # type: ignore[arg-type]
+        input_params=[{}, *[dict(per_model, weight=w) for w in (0.6, -0.3, 0.9)][: len(tensors) - 1]],
+        seeds=list(range(11, 11 + len(tensors))),
+        out_dtype=tensors[0].dtype,
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "per_model"),
+    [
+        ("ties", {}, {"density": 0.4}),
+        ("ties", {"rescale": True, "normalize": False, "lambda": 1.3}, {"density": 0.25}),
+        ("dare_ties", {}, {"density": 0.5}),
+        ("dare_linear", {"rescale": False}, {"density": 0.7}),
+        ("task_arithmetic", {"lambda": 0.8}, {}),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_task_vector_merges_equal_the_torch_path(
+    method: str,
+    params: dict[str, object],
+    per_model: dict[str, object],
+    dtype: torch.dtype,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    generator = torch.Generator().manual_seed(5)
+    shape = (700, 900)  # several slices and a ragged last one
+    base = torch.randn(shape, generator=generator)
+    tensors = [base.to(dtype)] + [
+        (base + torch.randn(shape, generator=generator) * 0.02).to(dtype) for _ in range(3)
+    ]
+    call = _call(method, tensors, params, per_model)
+    sparsifier = "random" if method.startswith("dare") else ("magnitude" if method == "ties" else None)
+    consensus = "sum" if method in ("ties", "dare_ties") else None
+    fused = sparse_merge_by_slices(call, sparsifier, consensus)
+    monkeypatch.setenv("MERGEBOT_KERNELS", "torch")
+    reference = sparse_merge_by_slices(call, sparsifier, consensus)
+    assert fused.dtype == reference.dtype == dtype
+    assert torch.equal(_raw(fused), _raw(reference))
+
+
+def test_linear_kernel_equals_torch_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    generator = torch.Generator().manual_seed(9)
+    tensors = [torch.randn(300_001, generator=generator).bfloat16() for _ in range(3)]
+    call = MergeCall(
+        tensors=tensors,
+        base_index=None,
+        params={"normalize": True},
+        input_params=[{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.9}],
+        seeds=[0, 1, 2],
+        out_dtype=torch.bfloat16,
+    )
+    fused = METHODS["linear"].merge(call)
+    monkeypatch.setenv("MERGEBOT_KERNELS", "torch")
+    reference = METHODS["linear"].merge(
+        MergeCall(**{**call.__dict__, "tensors": [t.float() for t in tensors]})
+    )
+    assert torch.equal(_bits(fused), _bits(reference.to(torch.bfloat16)))
+
+
+def test_kernels_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MERGEBOT_KERNELS", "torch")
+    assert not kernels.available()
+    assert not kernels.fits([torch.zeros(4)], torch.float32)
