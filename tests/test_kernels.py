@@ -64,12 +64,12 @@ def test_radix_cut_is_the_exact_topk_cut(
     delta[torch.rand(n, generator=generator) < zeros] = 0.0  # unchanged entries: ties at zero
     model = (base.float() + delta).bfloat16()  # bf16 steps: many equal magnitudes
     k = min(n - 1, max(1, int(fraction * n)))
-    keep = _kernel_cut(kernels.as_array(model), kernels.as_array(base), n, k, rescale=False)
+    cut, _, _ = _kernel_cut(kernels.as_array(model), kernels.as_array(base), n, k, sums=False)
     threshold, last_tie = _reference_cut(model, base, k)
-    assert keep.threshold == threshold
+    assert cut.threshold == threshold
     a = (model.float() - base.float()).abs()
     positions = torch.arange(n)
-    ours = (a > keep.threshold) | ((a == keep.threshold) & (positions <= keep.last_tie))
+    ours = (a > cut.threshold) | ((a == cut.threshold) & (positions <= cut.last_tie))
     theirs = (a > threshold) | ((a == threshold) & (positions <= last_tie))
     assert torch.equal(ours, theirs)
     assert int(ours.sum()) == k
@@ -99,6 +99,8 @@ def _call(
         ("dare_ties", {}, {"density": 0.5}),
         ("dare_linear", {"rescale": False}, {"density": 0.7}),
         ("task_arithmetic", {"lambda": 0.8}, {}),
+        ("breadcrumbs_ties", {}, {"density": 0.5, "gamma": 0.05}),
+        ("breadcrumbs", {"rescale": True}, {"density": 0.3, "gamma": 0.2}),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -116,8 +118,10 @@ def test_fused_task_vector_merges_equal_the_torch_path(
         (base + torch.randn(shape, generator=generator) * 0.02).to(dtype) for _ in range(3)
     ]
     call = _call(method, tensors, params, per_model)
-    sparsifier = "random" if method.startswith("dare") else ("magnitude" if method == "ties" else None)
-    consensus = "sum" if method in ("ties", "dare_ties") else None
+    sparsifier = {"ties": "magnitude", "dare_ties": "random", "dare_linear": "random"}.get(method)
+    if method.startswith("breadcrumbs"):
+        sparsifier = "magnitude_outliers"
+    consensus = "sum" if method in ("ties", "dare_ties", "breadcrumbs_ties") else None
     fused = sparse_merge_by_slices(call, sparsifier, consensus)
     monkeypatch.setenv("MERGEBOT_KERNELS", "torch")
     reference = sparse_merge_by_slices(call, sparsifier, consensus)

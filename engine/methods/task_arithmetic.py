@@ -22,6 +22,7 @@ which is closer to the exact result.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -36,7 +37,6 @@ from engine.methods.sparsify import (
     check_della,
     della_magprune,
     l1_scale,
-    magnitude_outliers,
     topk_cut,
     uniform_draws,
 )
@@ -84,18 +84,41 @@ SLICE = DRAW_BLOCK  # elements per slice of the second pass: cache-resident, one
 
 
 @dataclass(frozen=True)
+class _Cut:
+    """The top k of a task vector by magnitude: above ``threshold``, or on it up to ``last_tie``.
+
+    ``EVERYTHING`` and ``NOTHING`` stand for k = n and k = 0.
+    """
+
+    threshold: float
+    last_tie: int = -1
+
+    def mask(self, magnitudes: torch.Tensor, start: int) -> torch.Tensor:
+        keep = magnitudes > self.threshold
+        if self.last_tie >= start:
+            positions = torch.arange(start, start + magnitudes.numel(), device=magnitudes.device)
+            keep |= (magnitudes == self.threshold) & (positions <= self.last_tie)
+        return keep
+
+
+EVERYTHING = _Cut(-math.inf)
+NOTHING = _Cut(math.inf)
+
+
+@dataclass(frozen=True)
 class _Keep:
     """Which entries of one task vector survive, and by how much the survivors are scaled.
 
-    ``magnitude``: |delta| > threshold, plus |delta| == threshold at flat positions <= last_tie.
+    ``magnitude``: the entries in the ``top`` cut but not in the ``drop`` cut (TIES: the top
+    k, nothing dropped; Breadcrumbs: a band below the largest outliers).
     ``random``: a Bernoulli(density) draw per entry, from a generator seeded per slice, so
     any slice's mask can be drawn again, in any order, on any thread.
     """
 
     kind: Literal["all", "magnitude", "random"]
     scale: float = 1.0  # L1 rescale factor (1.0 when off)
-    threshold: float = 0.0
-    last_tie: int = -1
+    top: _Cut = EVERYTHING
+    drop: _Cut = NOTHING
     density: float = 1.0
     seed: int = 0
 
@@ -103,38 +126,63 @@ class _Keep:
         """The keep mask of the slice of this task vector that begins at ``start`` (None: keep all)."""
         if self.kind == "magnitude":
             a = d.abs()
-            keep = a > self.threshold
-            if self.last_tie >= start:
-                positions = torch.arange(start, start + d.numel(), device=d.device)
-                keep |= (a == self.threshold) & (positions <= self.last_tie)
+            keep = self.top.mask(a, start)
+            if self.drop != NOTHING:
+                keep &= ~self.drop.mask(a, start)
             return keep
         if self.kind == "random":
             return (uniform_draws(self.seed, start, d.numel()) < self.density).to(d.device)
         return None
 
 
-def _plan_trim(delta: torch.Tensor, density: float, rescale: bool) -> _Keep:
-    """First pass over one full task vector: the exact top-k cut (see ``sparsify.topk_cut``).
+def _magnitude_ranks(n: int, density: float, gamma: float | None) -> tuple[int, int] | None:
+    """How many of the largest entries to keep (``top``), and of those the largest to drop.
+
+    TIES keeps ``max(1, int(density * n))`` and drops none; Breadcrumbs (``gamma``) keeps as
+    many, ranked just below the ``int(gamma * n)`` largest (fewer outliers are dropped when
+    both do not fit: mergekit's rule). None: everything is kept.
+    """
+    if density >= 1 or n == 0:
+        return None
+    keep = max(1, int(density * n))
+    if gamma is None:
+        return keep, 0
+    outliers = max(0, int(gamma * n))
+    bottom = max(0, n - keep - outliers)  # entries dropped as too small
+    return n - bottom, n - bottom - keep
+
+
+def _torch_cut(magnitudes: torch.Tensor, k: int) -> tuple[_Cut, float]:
+    """The top-k cut of flat magnitudes and the L1 norm of what it keeps (float64 sums)."""
+    n = magnitudes.numel()
+    if k >= n:
+        return EVERYTHING, float(torch.linalg.vector_norm(magnitudes, 1, dtype=torch.float64))
+    if k <= 0:
+        return NOTHING, 0.0
+    threshold, last_tie = topk_cut(magnitudes, k)
+    above = magnitudes > threshold
+    kept = (
+        float(magnitudes[above].sum(dtype=torch.float64)) + (k - int(torch.count_nonzero(above))) * threshold
+    )
+    return _Cut(threshold, last_tie), kept
+
+
+def _plan_trim(delta: torch.Tensor, ranks: tuple[int, int] | None, rescale: bool) -> _Keep:
+    """First pass over one full task vector: the exact cuts (see ``sparsify.topk_cut``).
 
     Takes ownership of ``delta``: it is turned into magnitudes in place, so the pass holds
     one full-size tensor (plus boolean masks), not several.
     """
-    n = delta.numel()
-    if density >= 1 or n == 0:
+    if ranks is None:
         return _Keep("all")
-    k = max(1, int(density * n))
     magnitudes = delta.abs_().reshape(-1)
-    threshold, last_tie = topk_cut(magnitudes, k)
+    top, top_sum = _torch_cut(magnitudes, ranks[0])
+    drop, drop_sum = _torch_cut(magnitudes, ranks[1])
     scale = 1.0
     if rescale:  # L1 norms: the magnitudes' sums, before and after the cut
-        above = magnitudes > threshold
         before = float(torch.linalg.vector_norm(magnitudes, 1, dtype=torch.float64))
-        after = (
-            float(magnitudes[above].sum(dtype=torch.float64))
-            + (k - int(torch.count_nonzero(above))) * threshold
-        )
-        scale = l1_scale(before, after)
-    return _Keep("magnitude", scale, threshold, last_tie)
+        scale = l1_scale(before, top_sum - drop_sum)
+    return _Keep("magnitude", scale, top, drop)
 
 
 def sparse_merge_by_slices(call: MergeCall, sparsifier: Sparsifier, consensus: Consensus) -> torch.Tensor:
@@ -158,6 +206,15 @@ def sparse_merge_by_slices(call: MergeCall, sparsifier: Sparsifier, consensus: C
 
 def _compute_dtype(call: MergeCall) -> torch.dtype:
     return torch.float64 if call.base.dtype == torch.float64 else torch.float32
+
+
+MAGNITUDE = ("magnitude", "magnitude_outliers")
+
+
+def _ranks(call: MergeCall, i: int, sparsifier: Sparsifier, n: int) -> tuple[int, int] | None:
+    params = call.input_params[i]
+    gamma = float(params["gamma"]) if sparsifier == "magnitude_outliers" else None
+    return _magnitude_ranks(n, float(params.get("density", 1.0)), gamma)
 
 
 def _keeps_random(call: MergeCall, others: Sequence[int]) -> list[_Keep]:
@@ -186,9 +243,11 @@ def _sparse_merge_torch(call: MergeCall, sparsifier: Sparsifier, consensus: Cons
     def delta(flat: torch.Tensor, b: torch.Tensor, start: int, end: int) -> torch.Tensor:
         return flat[start:end].to(compute) - b  # a fresh tensor: the slice's own temporary
 
-    if sparsifier == "magnitude":
+    if sparsifier in MAGNITUDE:
         keeps = map_on_cores(
-            lambda i: _plan_trim(call.tensors[i].to(compute) - base.to(compute), density_of(i), rescale),
+            lambda i: _plan_trim(
+                call.tensors[i].to(compute) - base.to(compute), _ranks(call, i, sparsifier, n), rescale
+            ),
             others,
             parallel=parallel,
             workers=len(others),
@@ -251,19 +310,30 @@ def _sparse_merge_torch(call: MergeCall, sparsifier: Sparsifier, consensus: Cons
 PASS1_SLICE = 1 << 20  # elements per histogram pass job: streaming, so larger than SLICE
 
 
-def _kernel_cut(model: np.ndarray, base: np.ndarray, n: int, k: int, rescale: bool) -> _Keep:
+def _kernel_cut(model: np.ndarray, base: np.ndarray, n: int, k: int, sums: bool) -> tuple[_Cut, float, float]:
     """The exact top-k cut of ``|model - base|`` by a radix selection on the float32 bit patterns.
 
     For non-negative floats the bit pattern orders like the value, so two histogram passes
     (the 15 high bits, then the 16 low bits inside the bin that holds the k-th largest) give
     the exact k-th largest value, in linear time and constant memory. Ties at the cut are
     broken by position, as ``sparsify.topk_cut`` does, with one more pass when needed.
+    With ``sums``, also the L1 norms of the whole task vector and of the kept entries.
     """
     starts = range(0, n, PASS1_SLICE)
 
     def bounds(start: int) -> tuple[int, int]:
         return start, min(start + PASS1_SLICE, n)
 
+    if k <= 0 or k >= n:
+        total = 0.0
+        if sums:
+            total = sum(
+                t
+                for _, t, _ in map_on_cores(
+                    lambda s: kernels.magnitude_sums(model, base, *bounds(s), math.inf, True), starts
+                )
+            )
+        return (NOTHING, total, 0.0) if k <= 0 else (EVERYTHING, total, total)
     high = np.sum(
         map_on_cores(lambda s: kernels.magnitude_histograms(model, base, *bounds(s)), starts), axis=0
     )
@@ -278,23 +348,31 @@ def _kernel_cut(model: np.ndarray, base: np.ndarray, n: int, k: int, rescale: bo
     missing = k - above  # entries equal to the threshold that are kept, by position
     equal = int(low[low_bin])
     last_tie = n - 1
-    scale = 1.0
-    if missing < equal or rescale:
-        sums = map_on_cores(
-            lambda s: kernels.magnitude_sums(model, base, *bounds(s), threshold, rescale), starts
+    total = kept = 0.0
+    if missing < equal or sums:
+        per_slice = map_on_cores(
+            lambda s: kernels.magnitude_sums(model, base, *bounds(s), threshold, sums), starts
         )
         if missing < equal:
             seen = 0
-            for start, (count, _, _) in zip(starts, sums, strict=True):
+            for start, (count, _, _) in zip(starts, per_slice, strict=True):
                 if seen + count >= missing:
                     last_tie = kernels.nth_equal(model, base, *bounds(start), threshold, missing - seen)
                     break
                 seen += count
-        if rescale:
-            before = sum(total for _, total, _ in sums)
-            after = sum(kept for _, _, kept in sums) + missing * threshold
-            scale = l1_scale(before, after)
-    return _Keep("magnitude", scale, threshold, last_tie)
+        total = sum(t for _, t, _ in per_slice)
+        kept = sum(a for _, _, a in per_slice) + missing * threshold
+    return _Cut(threshold, last_tie), total, kept
+
+
+def _kernel_keep(
+    model: np.ndarray, base: np.ndarray, n: int, ranks: tuple[int, int] | None, rescale: bool
+) -> _Keep:
+    if ranks is None:
+        return _Keep("all")
+    top, total, top_sum = _kernel_cut(model, base, n, ranks[0], rescale)
+    drop, _, drop_sum = _kernel_cut(model, base, n, ranks[1], rescale)
+    return _Keep("magnitude", l1_scale(total, top_sum - drop_sum) if rescale else 1.0, top, drop)
 
 
 def _bin_of_kth(counts: np.ndarray, k: int) -> tuple[int, int]:
@@ -304,9 +382,7 @@ def _bin_of_kth(counts: np.ndarray, k: int) -> tuple[int, int]:
     return len(counts) - 1 - j, int(from_top[j - 1]) if j > 0 else 0
 
 
-KIND_CODES = {"all": 0, "magnitude": 1, "random": 2}
 CONSENSUS_CODES = {None: 0, "sum": 1, "count": 2}
-_NO_DRAWS = np.zeros(0, dtype=np.float32)
 
 
 def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Consensus) -> torch.Tensor:
@@ -319,14 +395,11 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
     rescale = bool(call.params["rescale"])
     starts = range(0, n, SLICE)
 
-    if sparsifier == "magnitude":
-        keeps = []
-        for i, model in zip(others, models, strict=True):
-            density = float(call.input_params[i].get("density", 1.0))
-            if density >= 1 or n == 0:
-                keeps.append(_Keep("all"))
-            else:
-                keeps.append(_kernel_cut(model, base, n, max(1, int(density * n)), rescale))
+    if sparsifier in MAGNITUDE:
+        keeps = [
+            _kernel_keep(model, base, n, _ranks(call, i, sparsifier, n), rescale)
+            for i, model in zip(others, models, strict=True)
+        ]
     else:
         keeps = _keeps_random(call, others)
         if rescale and any(k.kind == "random" for k in keeps):
@@ -362,27 +435,24 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
     def merge_slice(start: int) -> None:
         end = min(start + SLICE, n)
         rows = np.empty((len(models), end - start), dtype=np.float32)
-        totals = np.empty(end - start, dtype=np.float32)
+        totals = np.zeros(end - start, dtype=np.float32)
         for r, (model, keep, weight) in enumerate(zip(models, keeps, weights, strict=True)):
-            draws = (
-                uniform_draws(keep.seed, start, end - start).numpy() if keep.kind == "random" else _NO_DRAWS
-            )
             kernels.kept_delta_row(
                 model,
                 base,
                 start,
-                end,
-                kind=KIND_CODES[keep.kind],
-                threshold=keep.threshold,
-                last_tie=keep.last_tie,
-                draws=draws,
+                kind=keep.kind,
+                threshold=keep.top.threshold,
+                last_tie=keep.top.last_tie,
+                drop_threshold=keep.drop.threshold,
+                drop_last_tie=keep.drop.last_tie,
+                draws=uniform_draws(keep.seed, start, end - start).numpy() if keep.kind == "random" else None,
                 density=keep.density,
                 scale=keep.scale,
                 weight=weight,
                 row=rows[r],
                 totals=totals,
-                consensus=code,
-                first=r == 0,
+                count=consensus == "count",
             )
         kernels.combine_rows(
             base,
@@ -409,7 +479,7 @@ def generalized_task_arithmetic(
     others = call.others()
     if not others:
         return base
-    if sparsifier in ("magnitude", "random") or (
+    if sparsifier in ("magnitude", "magnitude_outliers", "random") or (
         sparsifier is None and kernels.fits(call.tensors, call.out_dtype)
     ):
         return sparse_merge_by_slices(call, sparsifier, consensus)
@@ -423,9 +493,7 @@ def generalized_task_arithmetic(
     for row, (i, weight) in enumerate(zip(others, weights, strict=True)):
         delta = call.tensors[i] - base
         density = float(call.input_params[i].get("density", 1.0))
-        if sparsifier == "magnitude_outliers":
-            delta = magnitude_outliers(delta, density, float(call.input_params[i]["gamma"]), rescale)
-        elif sparsifier == "della_magprune":
+        if sparsifier == "della_magprune":
             epsilon = float(call.input_params[i]["epsilon"])
             delta = della_magprune(delta, density, epsilon, rescale, call.seeds[i])
         weighted[row] = delta.mul_(weight)  # [n_models, *shape]
@@ -511,7 +579,8 @@ def _spec(
         needs_base=True,
         randomized=sparsifier in ("random", "della_magprune"),
         elementwise=sparsifier is None and consensus is None,
-        streams=sparsifier in ("magnitude", "random") or (sparsifier is None and consensus is None),
+        streams=sparsifier in ("magnitude", "magnitude_outliers", "random")
+        or (sparsifier is None and consensus is None),
     )
 
 
