@@ -234,8 +234,10 @@ def _sparse_merge_torch(call: MergeCall, sparsifier: Sparsifier, consensus: Cons
     flat_base = base.reshape(-1)
     flats = [call.tensors[i].reshape(-1) for i in others]
     n = flat_base.numel()
-    starts = range(0, n, SLICE)
-    parallel = base.device.type == "cpu" and n > SLICE
+    on_cpu = base.device.type == "cpu"
+    step = SLICE if on_cpu else max(n, 1)  # a GPU takes the whole tensor at once
+    starts = range(0, n, step)
+    parallel = on_cpu and n > SLICE
 
     def density_of(i: int) -> float:
         return float(call.input_params[i].get("density", 1.0))
@@ -257,7 +259,7 @@ def _sparse_merge_torch(call: MergeCall, sparsifier: Sparsifier, consensus: Cons
         if rescale and any(k.kind == "random" for k in keeps):
 
             def norms(start: int) -> list[tuple[float, float]]:
-                end = min(start + SLICE, n)
+                end = min(start + step, n)
                 b = flat_base[start:end].to(compute)
                 pairs = []
                 for flat, keep in zip(flats, keeps, strict=True):
@@ -287,7 +289,7 @@ def _sparse_merge_torch(call: MergeCall, sparsifier: Sparsifier, consensus: Cons
     out = torch.empty(n, dtype=call.out_dtype or compute, device=base.device)
 
     def merge_slice(start: int) -> None:
-        end = min(start + SLICE, n)
+        end = min(start + step, n)
         b = flat_base[start:end].to(compute)
         rows = []
         for flat, keep, weight in zip(flats, keeps, weights, strict=True):
