@@ -331,6 +331,44 @@ if HAVE_NUMBA:
                 store(out, start + j, m + load(base, start + j))
 
     @njit(nogil=True, cache=True)
+    def _delta_gram(models: Any, base: Any, start: int, end: int) -> Any:
+        count = len(models)
+        gram = np.zeros((count, count), np.float64)
+        deltas = np.empty((count, end - start), np.float32)
+        for m in range(count):
+            x = models[m]
+            for i in range(start, end):
+                deltas[m, i - start] = load(x, i) - load(base, i)
+        length = end - start
+        body = length - length % 4
+        for a in range(count):
+            for b in range(a, count):
+                # four interleaved partial sums: a fixed order, and four independent chains
+                s0 = s1 = s2 = s3 = 0.0
+                for j in range(0, body, 4):
+                    s0 += np.float64(deltas[a, j]) * np.float64(deltas[b, j])
+                    s1 += np.float64(deltas[a, j + 1]) * np.float64(deltas[b, j + 1])
+                    s2 += np.float64(deltas[a, j + 2]) * np.float64(deltas[b, j + 2])
+                    s3 += np.float64(deltas[a, j + 3]) * np.float64(deltas[b, j + 3])
+                for j in range(body, length):
+                    s0 += np.float64(deltas[a, j]) * np.float64(deltas[b, j])
+                gram[a, b] = gram[b, a] = (s0 + s1) + (s2 + s3)
+        return gram
+
+    @njit(nogil=True, cache=True)
+    def _scaled_delta_sum(models: Any, base: Any, start: int, end: int, scale: Any, out: Any) -> None:
+        # the torch path's order: d_0 + d_1 + ..., times scale, plus the base
+        acc = np.empty(end - start, np.float32)
+        for i in range(start, end):
+            acc[i - start] = load(models[0], i) - load(base, i)
+        for m in range(1, len(models)):
+            x = models[m]
+            for i in range(start, end):
+                acc[i - start] = acc[i - start] + (load(x, i) - load(base, i))
+        for i in range(start, end):
+            store(out, i, acc[i - start] * scale + load(base, i))
+
+    @njit(nogil=True, cache=True)
     def _weighted_sum(inputs: Any, start: int, end: int, weights: Any, out: Any) -> None:
         # linear: x_0 * w_0, then + x_i * w_i in model order, fused multiply-adds in float32 (as torch)
         acc = np.empty(end - start, np.float32)
@@ -344,6 +382,25 @@ if HAVE_NUMBA:
                 acc[i - start] = _fma(load(x, i), w, acc[i - start])
         for i in range(start, end):
             store(out, i, acc[i - start])
+
+
+def delta_gram(
+    models: tuple[np.ndarray[Any, Any], ...], base: np.ndarray[Any, Any], start: int, end: int
+) -> np.ndarray[Any, Any]:
+    """The Gram matrix of the task vectors ``model_i - base`` over ``[start, end)``, in float64."""
+    return _delta_gram(models, base, start, end)
+
+
+def scaled_delta_sum(
+    models: tuple[np.ndarray[Any, Any], ...],
+    base: np.ndarray[Any, Any],
+    start: int,
+    end: int,
+    scale: float,
+    out: np.ndarray[Any, Any],
+) -> None:
+    """``out = (sum_i (model_i - base)) * scale + base`` over ``[start, end)`` (Model Stock's merge)."""
+    _scaled_delta_sum(models, base, start, end, np.float32(scale), out)
 
 
 def magnitude_histograms(

@@ -18,16 +18,38 @@ Differences from mergekit 0.1.5:
   out nearly orthogonal and the merge falls back toward the base. A cosine does not
   depend on scale, so we divide by the true product and take 0 only where a task vector
   is exactly zero.
-- computed in float32 (mergekit uses the input dtype, often bf16).
+- computed in float32 (mergekit uses the input dtype, often bf16); with the fused kernels
+  (a whole-tensor ratio on bf16/float32 inputs), the norms and dot products are summed in
+  float64 over slices of the stored inputs, which is more exact still.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
+from engine import kernels
 from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
+from engine.parallel import map_on_cores
 
 SINGULAR = 1e-6
+SLICE = 1 << 18
+
+
+def _ratio(norms: list[torch.Tensor], dots: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
+    """The interpolation ratio ``t`` from the task vectors' norms and pairwise dot products."""
+    cos_sum = torch.zeros_like(norms[0])
+    for (a, b), dot in dots.items():
+        product = norms[a] * norms[b]
+        cos = torch.where(product > 0, dot / torch.where(product > 0, product, 1.0), 0.0)
+        cos_sum.add_(cos.clamp_(-1.0, 1.0))
+    cos = (cos_sum / len(dots)).unsqueeze(-1)  # [..., 1]
+    n = len(norms)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < SINGULAR
+    return torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
 
 
 def model_stock(call: MergeCall) -> torch.Tensor:
@@ -35,33 +57,54 @@ def model_stock(call: MergeCall) -> torch.Tensor:
     others = call.others()
     if len(others) < 2:
         raise ValueError(f"model_stock needs at least two models besides the base, got {len(others)}")
-    shape = base.shape
     per_row = bool(call.params["filter_wise"]) and base.dim() >= 2
+    if not per_row and kernels.fits(call.tensors, call.out_dtype):
+        return _model_stock_kernels(call, others)
+    compute = torch.float64 if base.dtype == torch.float64 else torch.float32
+    tensors = [t if t.dtype == compute else t.to(compute) for t in call.tensors]  # views: widened here
+    base = tensors[call.base_index or 0]
+    shape = base.shape
     w0 = base if per_row else base.reshape(1, -1)  # [..., row]: one row is the whole tensor
-    offsets = [call.tensors[i].reshape(w0.shape) - w0 for i in others]
+    offsets = [tensors[i].reshape(w0.shape) - w0 for i in others]
     norms = [torch.linalg.vector_norm(d, dim=-1) for d in offsets]  # [...]
-
-    cos_sum = torch.zeros_like(norms[0])
-    pairs = 0
-    for a in range(len(offsets)):
-        for b in range(a + 1, len(offsets)):
-            product = norms[a] * norms[b]
-            dot = (offsets[a] * offsets[b]).sum(dim=-1)
-            cos = torch.where(product > 0, dot / torch.where(product > 0, product, 1.0), 0.0)
-            cos_sum.add_(cos.clamp_(-1.0, 1.0))
-            pairs += 1
-    cos = (cos_sum / pairs).unsqueeze(-1)  # [..., 1]
+    dots = {
+        (a, b): (offsets[a] * offsets[b]).sum(dim=-1)
+        for a in range(len(offsets))
+        for b in range(a + 1, len(offsets))
+    }
+    t = _ratio(norms, dots)
     n = len(others)
-    denominator = 1 + (n - 1) * cos
-    singular = denominator.abs() < SINGULAR
-    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
-
     average = offsets[0]
     for d in offsets[1:]:
         average.add_(d)
     del offsets
     # t * mean(w_i) + (1 - t) * w_0 == w_0 + t * mean(w_i - w_0)
     return average.mul_(t / n).add_(w0).reshape(shape)
+
+
+def _model_stock_kernels(call: MergeCall, others: list[int]) -> torch.Tensor:
+    """Two passes over slices of the stored inputs: the norms and dot products (float64), then the merge."""
+    base = kernels.as_array(call.base)
+    models = tuple(kernels.as_array(call.tensors[i]) for i in others)
+    n = base.shape[0]
+    starts = range(0, n, SLICE)
+    grams = map_on_cores(lambda s: kernels.delta_gram(models, base, s, min(s + SLICE, n)), starts)
+    gram = np.sum(grams, axis=0) if grams else np.zeros((len(models), len(models)))
+    norms = [torch.tensor([math.sqrt(max(gram[a, a], 0.0))], dtype=torch.float32) for a in range(len(models))]
+    dots = {
+        (a, b): torch.tensor([gram[a, b]], dtype=torch.float32)
+        for a in range(len(models))
+        for b in range(a + 1, len(models))
+    }
+    scale = float((_ratio(norms, dots) / len(models)).reshape(()))  # float32 t / n, as the torch path
+    out_tensor = torch.empty(call.base.shape, dtype=call.out_dtype or torch.float32)
+    out = kernels.as_array(out_tensor)
+    map_on_cores(
+        lambda s: kernels.scaled_delta_sum(models, base, s, min(s + SLICE, n), scale, out),
+        starts,
+        parallel=n > SLICE,
+    )
+    return out_tensor
 
 
 SPEC = MethodSpec(
@@ -75,4 +118,5 @@ SPEC = MethodSpec(
     needs_base=True,
     min_inputs=3,
     min_non_base=2,
+    streams=True,
 )
