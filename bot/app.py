@@ -59,6 +59,7 @@ def create_app(bot: Bot, *, manage: bool = True, run_jobs: bool = True) -> FastA
         return [
             {
                 "id": j.id,
+                "kind": j.spec.kind,
                 "requester": j.spec.requester,
                 "destination": j.spec.destination,
                 "state": j.state,

@@ -34,6 +34,34 @@ class ParentRow:
 
 
 @dataclass(frozen=True)
+class TrialRow:
+    """One of the best trials of an evolutionary search, as the card's table shows it."""
+
+    rank: int
+    trial: int
+    score: str
+    cells: tuple[str, ...]  # one per searched dimension; a baseline's first cell names it
+
+
+@dataclass(frozen=True)
+class SearchHistory:
+    """What an evolved model's card tells about the search that found its recipe."""
+
+    method: str
+    metric: str
+    better: str  # "lower" or "higher"
+    evaluation: str  # e.g. "perplexity on hf://datasets/org/eval@sha/eval.txt"
+    searched: int  # search trials completed
+    baselines: int
+    columns: tuple[str, ...]  # the searched dimensions ("weight ft-math", ...)
+    rows: tuple[TrialRow, ...]  # the best trials, best first
+    held_out: tuple[tuple[str, str, str], ...]  # (recipe, search-split score, held-out score), best first
+    best_trial: int
+    best_baseline: str | None = None  # the best recipe is this baseline (no search trial beat it)
+    plot: str | None = None  # a PNG in the repo: score against trial
+
+
+@dataclass(frozen=True)
 class CardContext:
     """Everything a card shows; built before rendering."""
 
@@ -59,6 +87,7 @@ class CardContext:
     obligations: tuple[str, ...]
     job_id: str
     evaluations: tuple[tuple[str, float], ...] = ()
+    search: SearchHistory | None = None  # set for a model found by `evolve`
 
     @property
     def license_display(self) -> str:
@@ -163,6 +192,7 @@ def build_context(
     verdict: LicenseVerdict,
     job_id: str,
     evaluations: Sequence[tuple[str, float]] = (),
+    search: SearchHistory | None = None,
 ) -> CardContext:
     """Assemble a card's context from facts already gathered (no I/O)."""
     nodes, edges, missing = lineage_graph(repo_id, lineage)
@@ -189,6 +219,7 @@ def build_context(
         obligations=verdict.obligations,
         job_id=job_id,
         evaluations=tuple(evaluations),
+        search=search,
     )
 
 
@@ -208,7 +239,7 @@ def card_metadata(ctx: CardContext) -> ModelCardData:
         base_model_relation="merge",
         library_name="transformers",
         license=ctx.license,
-        tags=["merge", "mergekit", "mergebot", ctx.method],
+        tags=["merge", "mergekit", "mergebot", ctx.method, *(["evolutionary-merge"] if ctx.search else [])],
         **extra,
     )
 

@@ -9,6 +9,9 @@ line is the command. A merge takes its recipe from the first fenced ``yaml`` blo
     ...
     ```
 
+``evolve`` takes the same flags and a search file (``mergebot evolve``'s format) in the block;
+its models are Hub repos and its ``evaluation.data`` a file in a Hub repo (see :func:`usage`).
+
 Anything addressed to the bot that it does not understand becomes :class:`Invalid`, which
 the bot answers with the usage text; comments not addressed to it, and its own, give None.
 """
@@ -29,6 +32,16 @@ _FENCE_RE = re.compile(
 class Merge:
     name: str
     recipe: str
+    private: bool = False
+    accept_license: bool = False
+
+
+@dataclass(frozen=True)
+class Evolve:
+    """Search a merge's coefficients (CMA-ES) and publish the best merge; ``search`` is the search file."""
+
+    name: str
+    search: str
     private: bool = False
     accept_license: bool = False
 
@@ -60,7 +73,7 @@ class Invalid:
     problem: str
 
 
-Command = Merge | Status | Cancel | Help | Remerge | Invalid
+Command = Merge | Evolve | Status | Cancel | Help | Remerge | Invalid
 
 
 def usage(bot_name: str) -> str:
@@ -69,6 +82,11 @@ def usage(bot_name: str) -> str:
         f"Here is what I understand (one command per comment, starting a line with `@{bot_name}`):\n\n"
         f"- `@{bot_name} merge --name NAME [--private] [--accept-license]` followed by a fenced "
         "```` ```yaml ```` block holding a mergekit recipe; models are Hub ids (`org/name` or `org/name@revision`).\n"
+        f"- `@{bot_name} evolve --name NAME [--private] [--accept-license]` followed by a fenced "
+        "```` ```yaml ```` search file (the format of `mergebot evolve`): I search the merge's coefficients "
+        "with CMA-ES and publish the best merge with its search history. Its models are Hub ids; its "
+        "`evaluation.data` is a file in a Hub repo, written `hf://datasets/org/name/path.jsonl` "
+        "(a dataset), `hf://org/name/path.txt` (a model repo), with an optional `@revision` after the name.\n"
         f"- `@{bot_name} status`: your jobs and their place in the queue.\n"
         f"- `@{bot_name} cancel [JOB]`: cancel a job (the latest of yours in this discussion if no id).\n"
         f"- `@{bot_name} remerge`: on a repo I made, merge again from the parents' latest revisions.\n"
@@ -109,8 +127,8 @@ def parse(text: str, bot_name: str, author: str | None = None) -> Command | None
     if not words:
         return Invalid("the mention has no command after it.")
     verb, args = words[0].lower(), words[1:]
-    if verb == "merge":
-        return _merge(args, after)
+    if verb in ("merge", "evolve"):
+        return _merge(args, after, verb)
     if verb in ("status", "help", "remerge"):
         if args:
             return Invalid(f"`{verb}` takes no arguments (got `{' '.join(args)}`).")
@@ -125,7 +143,8 @@ def parse(text: str, bot_name: str, author: str | None = None) -> Command | None
     return Invalid(f"`{verb}` is not a command I know.")
 
 
-def _merge(args: list[str], after: str) -> Command:
+def _merge(args: list[str], after: str, verb: str = "merge") -> Command:
+    """``merge`` and ``evolve``: the same flags, and a YAML block (a recipe, or a search file)."""
     name: str | None = None
     private = accept = False
     i = 0
@@ -147,33 +166,39 @@ def _merge(args: list[str], after: str) -> Command:
                 return Invalid("`--name` is given twice.")
             name = value
         else:
-            return Invalid(f"`merge` does not take `{arg}`; it takes --name, --private and --accept-license.")
+            return Invalid(
+                f"`{verb}` does not take `{arg}`; it takes --name, --private and --accept-license."
+            )
         i += 1
     if name is None:
-        return Invalid("`merge` needs `--name NAME`, the name of the new repo.")
+        return Invalid(f"`{verb}` needs `--name NAME`, the name of the new repo.")
     if not NAME_RE.match(name) or ".." in name or "--" in name:
         return Invalid(
             f"`{name}` is not a valid repo name: use letters, digits, `-`, `_` and `.` (at most 96 characters)."
         )
     fence = _FENCE_RE.search(after)
+    what = "the recipe" if verb == "merge" else "the search file"
     if fence is None:
-        return Invalid("`merge` needs the recipe in a fenced ```` ```yaml ```` block after the command line.")
+        return Invalid(f"`{verb}` needs {what} in a fenced ```` ```yaml ```` block after the command line.")
     recipe = fence.group(1)
     if not recipe.strip():
         return Invalid("the ```` ```yaml ```` block is empty.")
+    if verb == "evolve":
+        return Evolve(name=name, search=recipe, private=private, accept_license=accept)
     return Merge(name=name, recipe=recipe, private=private, accept_license=accept)
 
 
 def render(command: Command, bot_name: str) -> str:
     """The comment text that :func:`parse` reads back as ``command`` (not for :class:`Invalid`)."""
-    if isinstance(command, Merge):
+    if isinstance(command, Merge | Evolve):
         flags = "".join(
             f
             for f, on in ((" --private", command.private), (" --accept-license", command.accept_license))
             if on
         )
-        recipe = command.recipe if command.recipe.endswith("\n") else command.recipe + "\n"
-        return f"@{bot_name} merge --name {command.name}{flags}\n```yaml\n{recipe}```\n"
+        verb, body = ("merge", command.recipe) if isinstance(command, Merge) else ("evolve", command.search)
+        body = body if body.endswith("\n") else body + "\n"
+        return f"@{bot_name} {verb} --name {command.name}{flags}\n```yaml\n{body}```\n"
     if isinstance(command, Cancel):
         return f"@{bot_name} cancel" + (f" {command.job_id}" if command.job_id else "")
     if isinstance(command, Status | Help | Remerge):

@@ -127,6 +127,10 @@ class Hub:
     def repo_url(self, repo_id: str) -> str:
         return f"{self.endpoint}/{repo_id}"
 
+    def as_user(self, token: str) -> Hub:
+        """The same Hub seen with a signed-in user's token (to publish in the user's namespace)."""
+        return Hub(self.endpoint, token)
+
     # -- repo facts -------------------------------------------------------------------
 
     def repo_facts(self, repo_id: str, revision: str | None = None) -> RepoFacts:
@@ -172,6 +176,60 @@ class Hub:
 
     def repo_exists(self, repo_id: str) -> bool:
         return self._call(f"looking up `{repo_id}`", lambda: self._api.repo_exists(repo_id))
+
+    def file_sha(self, repo_id: str, path: str, *, repo_type: str, revision: str | None) -> str:
+        """The commit of ``repo_id`` at ``revision`` if it holds ``path``.
+
+        Raises:
+            PreflightError: the repo, the revision or the file does not exist (or the bot cannot read it).
+        """
+        shown = f"{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}"
+        try:
+            info = self._api.repo_info(repo_id, repo_type=repo_type, revision=revision)
+            found = self._api.file_exists(repo_id, path, repo_type=repo_type, revision=info.sha)
+        except GatedRepoError:
+            raise PreflightError(
+                f"`{shown}` is gated and the bot has no access; grant it access first."
+            ) from None
+        except RevisionNotFoundError:
+            raise PreflightError(f"`{shown}` has no revision `{revision}`.") from None
+        except RepositoryNotFoundError:
+            raise PreflightError(f"`{shown}` does not exist on the Hub, or the bot cannot see it.") from None
+        except HfHubHTTPError as exc:
+            raise HubError(f"reading `{shown}`", _status(exc)) from None
+        if not found:
+            raise PreflightError(f"`{shown}` has no file `{path}`.")
+        return str(info.sha)
+
+    def has_file(self, repo_id: str, path: str, *, revision: str | None = None) -> bool:
+        """Whether a model repo holds ``path`` at ``revision``."""
+        return self._call(
+            f"looking for `{path}` in `{repo_id}`",
+            lambda: self._api.file_exists(repo_id, path, revision=revision),
+        )
+
+    def download_model(self, repo_id: str, revision: str, folder: Path) -> Path:
+        """Weights (safetensors only: never pickles, never code), config and tokenizer files into ``folder``."""
+        self._call(
+            f"downloading `{repo_id}`",
+            lambda: self._api.snapshot_download(
+                repo_id,
+                revision=revision,
+                local_dir=folder,
+                allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken"],
+            ),
+        )
+        return folder
+
+    def download_file(self, repo_id: str, path: str, *, repo_type: str, revision: str, folder: Path) -> Path:
+        """One file of a repo into ``folder``; returns its local path."""
+        local = self._call(
+            f"downloading `{path}` from `{repo_id}`",
+            lambda: self._api.hf_hub_download(
+                repo_id, path, repo_type=repo_type, revision=revision, local_dir=folder
+            ),
+        )
+        return Path(local)
 
     def lineage(self, roots: Sequence[str], depth: int) -> Lineage:
         """Walk ``base_model`` metadata up from ``roots`` for ``depth`` generations (cycles and gaps are safe)."""
@@ -260,6 +318,8 @@ class Hub:
             try:
                 self._api.create_repo(repo_id, private=private, exist_ok=True)
             except HfHubHTTPError as exc:
+                if _status(exc) == 401:  # the token is not (or no longer) valid: not the name's fault
+                    raise HubError(f"creating `{repo_id}`", 401) from None
                 raise DestinationError(
                     f"The bot could not create `{repo_id}` (HTTP {_status(exc)})."
                 ) from None

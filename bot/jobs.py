@@ -8,8 +8,14 @@ go back to ``queued`` and every queued job is scheduled again.
 States::
 
     queued --> running --> succeeded
-      |           |------> failed (reason)
-      '-----------'------> cancelled
+      |  ^        |------> failed (reason)
+      |  |        '------> cancelled <--.
+      v  | resume                       |
+    needs_sign_in ----------------------'
+
+``needs_sign_in``: the job publishes with a signed-in user's token (``spec.credential == "user"``),
+which lives only in the memory of the process that took it (:mod:`bot.credentials`); a restarted
+process has lost it, so the job waits there until the same user signs in again, or cancels it.
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ from pydantic import BaseModel, ConfigDict
 
 log = logging.getLogger(__name__)
 
-State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-ACTIVE: tuple[State, ...] = ("queued", "running")
-JobKind = Literal["merge", "remerge"]
+State = Literal["queued", "running", "needs_sign_in", "succeeded", "failed", "cancelled"]
+ACTIVE: tuple[State, ...] = ("queued", "running", "needs_sign_in")
+JobKind = Literal["merge", "remerge", "evolve"]
+Credential = Literal["bot", "user"]  # whose token publishes the result (never the token itself)
+SIGN_IN_AGAIN = "the bot restarted and forgot your sign-in; sign in again to resume, or cancel"
+SIGN_IN_EXPIRED = "your sign-in expired or was revoked; sign in again to resume, or cancel"
 
 
 class ReportTo(BaseModel):
@@ -55,12 +64,14 @@ class JobSpec(BaseModel):
     kind: JobKind = "merge"
     requester: str
     destination: str
-    recipe_yaml: str  # every model reference is `org/name@sha`
+    recipe_yaml: str  # every model reference is `org/name@sha` ("" for an evolve job)
     parents: dict[str, str]  # repo id -> pinned sha, base first
     private: bool = False
     accept_license: bool = False
     report: ReportTo | None = None
     source_comment: str | None = None
+    credential: Credential = "bot"
+    search_yaml: str | None = None  # evolve: the search file, models pinned as `org/name@sha`
 
 
 @dataclass(frozen=True)
@@ -94,6 +105,14 @@ _jobs = sa.Table(
     sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+# One line saying where a running job is ("trial 3/5, best 12.3"): a table of its own, so a job
+# store made before it existed gains it from create_all, with no migration.
+_notes = sa.Table(
+    "mergebot_notes",
+    _meta,
+    sa.Column("job_id", sa.String(32), primary_key=True),
+    sa.Column("text", sa.Text, nullable=False),
 )
 _seen = sa.Table(
     "mergebot_seen",
@@ -210,6 +229,8 @@ class JobStore:
             return None
         if job.state == "running":
             return 0
+        if job.state == "needs_sign_in":
+            return None
         with self.engine.connect() as conn:
             seq = conn.execute(sa.select(_jobs.c.seq).where(_jobs.c.id == job_id)).scalar_one()
             ahead = conn.execute(
@@ -228,8 +249,21 @@ class JobStore:
         """queued -> running; False if the job is not queued (already taken, finished or cancelled)."""
         return self._update(job_id, _jobs.c.state == "queued", state="running", progress=0.0)
 
-    def set_progress(self, job_id: str, fraction: float) -> None:
+    def set_progress(self, job_id: str, fraction: float, note: str | None = None) -> None:
+        """Record how far a running job is, and optionally a one-line note (never a secret)."""
         self._update(job_id, _jobs.c.state == "running", progress=fraction)
+        if note is not None:
+            with self._lock, self.engine.begin() as conn:
+                if (
+                    conn.execute(_notes.update().where(_notes.c.job_id == job_id).values(text=note)).rowcount
+                    == 0
+                ):
+                    conn.execute(_notes.insert().values(job_id=job_id, text=note))
+
+    def notes(self) -> dict[str, str]:
+        """job id -> its latest progress note."""
+        with self.engine.connect() as conn:
+            return {r.job_id: r.text for r in conn.execute(sa.select(_notes))}
 
     def finish(
         self, job_id: str, state: State, *, reason: str | None = None, commit: str | None = None
@@ -243,16 +277,32 @@ class JobStore:
         self._update(job_id, status_comment=comment_id)
 
     def cancel(self, job_id: str) -> State | None:
-        """Cancel a queued job at once, or ask a running one to stop; returns the state it was in."""
+        """Cancel a waiting job at once, or ask a running one to stop; returns the state it was in."""
         job = self.get(job_id)
         if job is None or job.state not in ACTIVE:
             return job.state if job else None
-        if self._update(
-            job_id, _jobs.c.state == "queued", state="cancelled", reason="cancelled by the requester"
-        ):
-            return "queued"
+        for waiting in ("queued", "needs_sign_in"):
+            if self._update(
+                job_id, _jobs.c.state == waiting, state="cancelled", reason="cancelled by the requester"
+            ):
+                return waiting
         self._update(job_id, _jobs.c.state == "running", cancel_requested=True)
         return "running"
+
+    def hold_for_sign_in(self, job_id: str, reason: str = SIGN_IN_AGAIN) -> bool:
+        """queued/running -> needs_sign_in: the user's token is gone (restart) or no longer valid."""
+        return self._update(
+            job_id,
+            _jobs.c.state.in_(["queued", "running"]),
+            state="needs_sign_in",
+            progress=0.0,
+            reason=reason,
+            cancel_requested=False,
+        )
+
+    def resume_signed_in(self, job_id: str) -> bool:
+        """needs_sign_in -> queued, once the user has signed in again."""
+        return self._update(job_id, _jobs.c.state == "needs_sign_in", state="queued", reason=None)
 
     def requeue(self, job_id: str) -> None:
         """running -> queued (the bot stopped in the middle; the job starts again on the next run)."""
@@ -266,10 +316,14 @@ class JobStore:
         return ids
 
     def latest_results(self) -> list[Job]:
-        """For each destination repo, its most recent succeeded job (what a re-merge starts from)."""
+        """For each destination repo, its most recent succeeded merge (what a re-merge starts from).
+
+        Evolved repos are left out: re-running a search because a parent moved is not a re-merge.
+        """
         latest: dict[str, Job] = {}
         for job in self.all(states=("succeeded",)):
-            latest[job.spec.destination] = job
+            if job.spec.kind != "evolve":
+                latest[job.spec.destination] = job
         return list(latest.values())
 
     # -- keys already handled -------------------------------------------------------------
@@ -383,6 +437,10 @@ class JobQueue:
             id=name,
             replace_existing=True,
         )
+
+    def hold(self) -> None:
+        """Keep the jobs scheduled from now on waiting, until :meth:`resume` (maintenance, tests)."""
+        self._run_jobs = False
 
     def resume(self) -> None:
         """Let held-back merges run."""

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from bot import commands as cmd
+from bot.credentials import Credentials, UserCredential
 from bot.errors import BotError, DestinationError, JobNotFound, QuotaError, TooLargeError
 from bot.hub import DiscussionComment, Hub
 from bot.jobs import ACTIVE, Job, JobQueue, JobSpec, JobStore, ReportTo, make_engine
@@ -41,7 +42,8 @@ class Bot:
         self.hub = hub or Hub(settings.hf_endpoint, settings.hf_token.get_secret_value())
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(make_engine(settings.database_url))
-        self.worker = Worker(settings, self.hub, self.store)
+        self.credentials = Credentials()  # signed-in users' tokens: memory only, see bot.credentials
+        self.worker = Worker(settings, self.hub, self.store, self.credentials)
         self.queue = JobQueue(self.store, settings.database_url, self.worker.run)
         self.name = ""
 
@@ -52,12 +54,51 @@ class Bot:
     def start(self, *, run_jobs: bool = True) -> None:
         """Start the queue (resuming interrupted jobs) and handle deliveries left unhandled."""
         self.name = self.hub.whoami()
+        self.hold_orphaned_user_jobs()
         self.queue.start(run_jobs=run_jobs)
         for key, payload in self.store.pending():
             self.queue.submit_light(self.handle, key, payload)
         if self.settings.poll_interval_s > 0:
             self.queue.every(self.settings.poll_interval_s, self.poll, "mergebot-poll")
         log.info("bot %s started against %s", self.name, self.settings.hf_endpoint)
+
+    def hold_orphaned_user_jobs(self) -> list[str]:
+        """Jobs that publish with a user's token this process does not hold wait for a new sign-in.
+
+        Never published with the bot's token instead, never dropped: see :mod:`bot.credentials`.
+        """
+        held = []
+        for job in self.store.all(states=("queued", "running")):
+            orphaned = job.spec.credential == "user" and self.credentials.get(job.id) is None
+            if orphaned and self.store.hold_for_sign_in(job.id):
+                held.append(job.id)
+        if held:
+            log.info("%d job(s) wait for their requester to sign in again", len(held))
+        return held
+
+    def cancel_job(self, job_id: str) -> str:
+        """Cancel a job (the caller has checked who may); returns what the requester should read."""
+        job = self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        was = self.store.cancel(job_id)
+        if was in ("queued", "needs_sign_in"):
+            self.queue.unschedule(job_id)
+            self.credentials.drop(job_id)
+            if job.spec.report is not None and job.status_comment:
+                try:
+                    self.hub.edit_comment(
+                        job.spec.report.repo_id,
+                        job.spec.report.num,
+                        job.status_comment,
+                        f"🛑 Job `{job_id}` was cancelled before it started.",
+                    )
+                except BotError as exc:
+                    log.warning("job %s: status comment not updated: %s", job_id, exc)
+            return f"Cancelled job `{job_id}`."
+        if was == "running":
+            return f"Job `{job_id}` is stopping; nothing will be published."
+        return f"Job `{job_id}` is already {was}."
 
     def stop(self) -> None:
         """Stop: a running merge stops at its next tensor and goes back to the queue."""
@@ -132,6 +173,17 @@ class Bot:
         if isinstance(command, cmd.Merge):
             self._merge(command, user, ReportTo(repo_id=repo_id, num=num), comment.id)
             return None
+        if isinstance(command, cmd.Evolve):
+            self.evolve(
+                command.search,
+                name=command.name,
+                user=user,
+                private=command.private,
+                accept_license=command.accept_license,
+                report=ReportTo(repo_id=repo_id, num=num),
+                source=comment.id,
+            )
+            return None
         if isinstance(command, cmd.Remerge):
             self._remerge(repo_id, user, ReportTo(repo_id=repo_id, num=num), comment.id)
             return None
@@ -165,7 +217,62 @@ class Bot:
             report=report,
             source_comment=source,
         )
-        return self._enqueue(spec, pre.summary())
+        return self.enqueue(spec, pre.summary())
+
+    def evolve(
+        self,
+        search_yaml: str,
+        *,
+        name: str,
+        user: str,
+        private: bool = False,
+        accept_license: bool = False,
+        report: ReportTo | None = None,
+        source: str | None = None,
+        signed_in: UserCredential | None = None,
+    ) -> Job:
+        """Queue an evolutionary search after its preflight (see :mod:`bot.evolve`).
+
+        ``signed_in``: the result goes to that user's namespace, published with their token
+        (held in memory only; the caller has confirmed it is theirs).
+
+        Raises:
+            engine.MergeError, bot.errors.BotError: the request is refused; nothing was queued.
+        """
+        from bot.evolve import preflight_search
+
+        if self.store.active_count(user) >= self.settings.max_jobs_per_user:
+            raise QuotaError(user, self.settings.max_jobs_per_user)
+        destination = f"{signed_in.user if signed_in else self.name}/{name}"
+        owner = self.hub.as_user(signed_in.token.get_secret_value()) if signed_in else self.hub
+        if self.store.active_for(destination) or owner.repo_exists(destination):
+            raise DestinationError(f"`{destination}` already exists; choose another `--name`.")
+        pre = preflight_search(
+            self.hub,
+            search_yaml,
+            accept_license=accept_license,
+            name=name,
+            endpoint=self.settings.hf_endpoint,
+            token=self.settings.hf_token.get_secret_value(),
+            max_trials=self.settings.max_evolve_trials,
+        )
+        limit = self.settings.max_merge_bytes
+        if limit is not None and pre.bytes_to_write > limit:
+            raise TooLargeError(pre.bytes_to_write, limit)
+        spec = JobSpec(
+            kind="evolve",
+            requester=user,
+            destination=destination,
+            recipe_yaml="",
+            search_yaml=pre.search_yaml,
+            parents={repo: f.sha for repo, f in pre.facts.items()},
+            private=private,
+            accept_license=accept_license,
+            report=report,
+            source_comment=source,
+            credential="user" if signed_in else "bot",
+        )
+        return self.enqueue(spec, pre.summary(), signed_in)
 
     def _remerge(self, repo_id: str, user: str | None, report: ReportTo | None, source: str | None) -> Job:
         previous = next((j for j in self.store.latest_results() if j.spec.destination == repo_id), None)
@@ -195,10 +302,13 @@ class Bot:
                 "requester": user or previous.spec.requester,
             }
         )
-        return self._enqueue(spec, pre.summary())
+        return self.enqueue(spec, pre.summary())
 
-    def _enqueue(self, spec: JobSpec, summary: str) -> Job:
+    def enqueue(self, spec: JobSpec, summary: str = "", signed_in: UserCredential | None = None) -> Job:
+        """Add a preflighted job to the store and the scheduler; its user credential first, if any."""
         job = self.store.add(spec)
+        if signed_in is not None:  # before it is scheduled, so the worker finds it
+            self.credentials.put(job.id, signed_in)
         if spec.report is not None:
             text = queued_text(job.id, self.store.queue_position(job.id), summary)
             try:
@@ -224,6 +334,8 @@ class Bot:
                 state = f"running ({round(100 * job.progress)}%)"
             elif job.state == "failed":
                 state = f"failed: {(job.reason or '').splitlines()[0][:120]}"
+            elif job.state == "needs_sign_in":
+                state = "waiting: sign in again on the Space to resume it"
             lines.append(f"| `{job.id}` | {job.spec.destination} | {state} |")
         return "\n".join(lines)
 
@@ -240,23 +352,7 @@ class Bot:
         job = self.store.get(job_id)
         if job is None or job.spec.requester != user:
             raise JobNotFound(job_id)
-        was = self.store.cancel(job_id)
-        if was == "queued":
-            self.queue.unschedule(job_id)
-            if job.spec.report is not None and job.status_comment:
-                try:
-                    self.hub.edit_comment(
-                        job.spec.report.repo_id,
-                        job.spec.report.num,
-                        job.status_comment,
-                        f"🛑 Job `{job_id}` was cancelled before it started.",
-                    )
-                except BotError as exc:
-                    log.warning("job %s: status comment not updated: %s", job_id, exc)
-            return f"Cancelled job `{job_id}`."
-        if was == "running":
-            return f"Job `{job_id}` is stopping; nothing will be published."
-        return f"Job `{job_id}` is already {was}."
+        return self.cancel_job(job_id)
 
     # -- parents ------------------------------------------------------------------------
 

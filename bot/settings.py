@@ -50,6 +50,8 @@ class Settings(BaseModel):
     shard_bytes: int = Field(default=2_000_000_000, gt=0)
     # how many generations of ancestors the card's lineage shows
     lineage_depth: int = Field(default=4, ge=0, le=10)
+    # most search trials one `evolve` request may ask for
+    max_evolve_trials: int = Field(default=50, gt=0)
     # the repo whose discussions the poll reads for missed requests (default: <bot>/requests)
     requests_repo: str | None = None
 

@@ -19,9 +19,10 @@ from typing import Any
 import yaml
 
 from bot.cards import build_context, render_card
-from bot.errors import BotError, JobCancelled, JobInterrupted, LicenseRefused, PreflightError
+from bot.credentials import Credentials
+from bot.errors import BotError, HubError, JobCancelled, JobInterrupted, LicenseRefused, PreflightError
 from bot.hub import Hub, RepoFacts
-from bot.jobs import Job, JobStore
+from bot.jobs import SIGN_IN_EXPIRED, Job, JobStore
 from bot.licenses import LicenseVerdict, ParentLicense, decide
 from bot.settings import Settings
 from engine import (
@@ -178,11 +179,23 @@ def queued_text(job_id: str, position: int | None, summary: str = "") -> str:
 class Worker:
     """Runs jobs from the store, one call per job."""
 
-    def __init__(self, settings: Settings, hub: Hub, store: JobStore) -> None:
+    def __init__(
+        self, settings: Settings, hub: Hub, store: JobStore, credentials: Credentials | None = None
+    ) -> None:
         self.settings = settings
         self.hub = hub
         self.store = store
+        self.credentials = credentials if credentials is not None else Credentials()
         self._stopping = threading.Event()
+
+    def publisher(self, job: Job) -> Hub | None:
+        """The Hub as whoever publishes ``job``: the bot, or the signed-in user (None: their token is gone)."""
+        if job.spec.credential == "bot":
+            return self.hub
+        held = self.credentials.get(job.id)
+        if held is None or held.user != job.spec.requester:
+            return None
+        return self.hub.as_user(held.token.get_secret_value())
 
     def stop(self) -> None:
         """Make a running merge stop at its next tensor; its job goes back to the queue."""
@@ -202,15 +215,27 @@ class Worker:
         job = self.store.get(job_id)
         assert job is not None
         status = StatusComment(self.hub, self.store, job, self.settings.progress_interval_s)
+        publisher = self.publisher(job)
+        if publisher is None:  # a signed-in user's job whose token this process never had
+            self.store.hold_for_sign_in(job.id)
+            log.info("job %s waits for its requester to sign in again", job.id)
+            return
         # The comment is written before the state, so whoever sees a finished job also sees its report.
         try:
-            commit = self._run(job, status)
+            commit = self._run(job, status, publisher)
         except JobInterrupted:
             status.show(f"⏸️ Job `{job.id}` was interrupted by a restart of the bot; it will start again.")
             self.store.requeue(job.id)
+            return  # the process is stopping: its credentials go with it
         except JobCancelled:
             status.show(f"🛑 Job `{job.id}` was cancelled; nothing was published.")
             self.store.finish(job.id, "cancelled", reason="cancelled by the requester")
+        except HubError as exc:
+            if job.spec.credential == "user" and exc.status == 401:  # the user's token expired or was revoked
+                self.store.hold_for_sign_in(job.id, SIGN_IN_EXPIRED)
+            else:
+                status.show(f"❌ Job `{job.id}` failed: {exc}\n\nNothing was published.")
+                self.store.finish(job.id, "failed", reason=str(exc))
         except (BotError, MergeError) as exc:
             status.show(f"❌ Job `{job.id}` failed: {exc}\n\nNothing was published.")
             self.store.finish(job.id, "failed", reason=str(exc))
@@ -226,6 +251,7 @@ class Worker:
                 f"✅ Job `{job.id}` is done: [{job.spec.destination}]({url}) (commit `{commit[:12]}`)."
             )
             self.store.finish(job.id, "succeeded", commit=commit)
+        self.credentials.drop(job.id)
 
     def refresh_positions(self, limit: int = 20) -> None:
         """The queue moved: show each waiting job's new place in its status comment (the first ``limit``)."""
@@ -235,15 +261,27 @@ class Worker:
                     queued_text(waiting.id, self.store.queue_position(waiting.id))
                 )
 
-    def _run(self, job: Job, status: StatusComment) -> str:
+    def checkpoint(self, job: Job) -> None:
+        """Raise if the bot is stopping or the job was cancelled (called between units of work)."""
+        if self._stopping.is_set():
+            raise JobInterrupted(job.id)
+        current = self.store.get(job.id)
+        if current is not None and current.cancel_requested:
+            raise JobCancelled(job.id)
+
+    def _run(self, job: Job, status: StatusComment, publisher: Hub) -> str:
         if self._stopping.is_set():
             raise JobInterrupted(job.id)
         spec = job.spec
         marker = job_marker(job.id)
-        pushed = self.hub.commit_with_marker(spec.destination, marker)
+        pushed = publisher.commit_with_marker(spec.destination, marker)
         if pushed is not None:  # a previous process pushed, then died before recording it
             log.info("job %s was already pushed as %s", job.id, pushed.oid)
             return pushed.oid
+        if spec.kind == "evolve":
+            from bot.evolve import run_evolve  # imports optuna and transformers: only for evolve jobs
+
+            return run_evolve(self, job, status, publisher)
         status.show(f"⚙️ Job `{job.id}` is running: checking the parents…")
         token = self.settings.hf_token.get_secret_value()
         name = spec.destination.split("/")[-1]
@@ -273,7 +311,7 @@ class Worker:
 
         with (
             tempfile.TemporaryDirectory(prefix=f"job-{job.id}-", dir=self.settings.work_dir) as tmp,
-            self.hub.publication(spec.destination, private=spec.private, gated=pre.verdict.gated) as pub,
+            publisher.publication(spec.destination, private=spec.private, gated=pre.verdict.gated) as pub,
         ):
             out = Path(tmp) / "out"
             run_merge(

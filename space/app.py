@@ -8,7 +8,6 @@ webhook (``/webhooks/mergebot``) and the queue.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,9 +15,8 @@ import gradio as gr
 from fastapi import FastAPI
 
 from bot.app import create_app as create_bot_app
-from bot.errors import BotError
 from bot.service import Bot
-from engine import METHODS, MergeError, RecipeError
+from engine import METHODS, RecipeError
 from space.compose import (
     DTYPES,
     MergeForm,
@@ -29,7 +27,9 @@ from space.compose import (
     shared_params,
     yaml_to_form,
 )
+from space.evolve_tab import evolve_tab
 from space.service import GUEST, SpaceService
+from space.session import error_message, signed_in, user_name
 from space.views import (
     card_preview,
     compat_html,
@@ -38,8 +38,6 @@ from space.views import (
     queue_rows,
     summary_markdown,
 )
-
-log = logging.getLogger(__name__)
 
 UI_PATH = "/"
 CSS = """
@@ -62,6 +60,8 @@ A **merge** combines several fine-tuned models of the *same* base model into one
 1. **Compose**: pick a method (or an example), the base model and the models to combine with their weights.
 2. **Check**: see whether the models fit together, what licence the result gets, its size, and its model card.
 3. **Submit**: the merge joins the queue; the **Queue** tab shows its progress and links to the new model.
+
+Or let **Evolve** search the best weights for you.
 """
 
 METHOD_HELP = {
@@ -72,16 +72,6 @@ METHOD_HELP = {
     "dare_ties": "like TIES, with random dropping of small changes",
     "dare_linear": "task arithmetic with random dropping",
 }
-
-
-def _error_message(exc: Exception) -> str:
-    """The one table that turns errors into messages on the page."""
-    if isinstance(exc, RecipeError):
-        return f"The recipe is not valid:\n```\n{exc}\n```"
-    if isinstance(exc, MergeError | BotError):
-        return str(exc)
-    log.exception("unexpected error in the Space", exc_info=exc)
-    return "Something went wrong on our side; the operator has the details."
 
 
 def _table(form: MergeForm) -> dict[str, Any]:
@@ -167,9 +157,13 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
             gr.Markdown(INTRO)
             if oauth:
                 gr.LoginButton()
-        gr.Markdown(
-            f"Merges are published to **{service.namespace()}/…** on [{service.hub_url}]({service.hub_url})."
+        where = (
+            f"Merges are published to **{service.namespace()}/…** on [{service.hub_url}]({service.hub_url})"
         )
+        gr.Markdown(
+            where + (", or to **your own namespace** with your own token when you sign in." if oauth else ".")
+        )
+        mine = gr.State([])  # ids of the jobs submitted from this page session (it may cancel them)
         with gr.Tabs(selected="compose") as tabs:
             with gr.Tab("Compose", id="compose"):
                 with gr.Row():
@@ -233,10 +227,24 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
                     licence = gr.Markdown(elem_id="mb-license")
                     with gr.Accordion("Preview of the model card", open=True):
                         card = gr.Markdown(elem_id="mb-card")
+            with gr.Tab("Evolve", id="evolve"):
+                wire_evolve = evolve_tab(service, base_example, others)
             with gr.Tab("Queue", id="queue"):
-                gr.Markdown("Every merge, newest first. The page refreshes by itself.")
+                gr.Markdown("Every job (merges and searches), newest first. The page refreshes by itself.")
                 queue = gr.HTML(elem_id="mb-queue-box")
                 timer = gr.Timer(1.0)
+                with gr.Row():
+                    job_box = gr.Textbox(
+                        label="Job id (yours: submitted from this page"
+                        + (", or while signed in)" if oauth else ")"),
+                        elem_id="mb-job-id",
+                        scale=3,
+                    )
+                    cancel_btn = gr.Button("Cancel job", variant="stop", elem_id="mb-cancel", scale=1)
+                    resume_btn = gr.Button(
+                        "Resume (signed in again)", elem_id="mb-resume", visible=oauth, scale=1
+                    )
+                job_note = gr.Markdown("", elem_id="mb-job-note")
 
         form_inputs = [method, base, table, settings, dtype]
 
@@ -293,8 +301,9 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
 
         recipe.blur(yaml_changed, [recipe], [method, base, table, settings, dtype, note])
 
-        def check(text: str, n: str, acc: bool) -> list[Any]:
-            report = service.check(text, name=(n or "").strip(), accept_license=acc)
+        def check(text: str, n: str, acc: bool, profile: gr.OAuthProfile | None) -> list[Any]:
+            user = user_name(profile)
+            report = service.check(text, name=(n or "").strip(), accept_license=acc, user=user)
             return [
                 gr.update(visible=True),
                 summary_markdown(report),
@@ -307,9 +316,18 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
         check_outputs = [report_box, summary, compat, licence, card, outcome]
         check_btn.click(check, [recipe, name, accept], check_outputs)
 
-        def submit(text: str, n: str, priv: bool, acc: bool, profile: gr.OAuthProfile | None) -> list[Any]:
+        def submit(
+            text: str,
+            n: str,
+            priv: bool,
+            acc: bool,
+            session_jobs: list[str],
+            profile: gr.OAuthProfile | None,
+            oauth_token: gr.OAuthToken | None,
+        ) -> list[Any]:
             n = (n or "").strip()
-            report = service.check(text, name=n, accept_license=acc)
+            user = signed_in(profile, oauth_token)
+            report = service.check(text, name=n, accept_license=acc, user=user.user if user else None)
             shown = [
                 gr.update(visible=True),
                 summary_markdown(report),
@@ -317,28 +335,54 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
                 license_markdown(report.verdict),
                 card_preview(report.card_markdown),
             ]
+            refused = [gr.skip()] * 3
             if not report.ok:
-                return [*shown, "**Submit refused:** the check failed; fix what it lists above.", gr.skip()]
+                return [*shown, "**Submit refused:** the check failed; fix what it lists above.", *refused]
             try:
                 job = service.submit(
                     text,
                     name=n,
                     private=priv,
                     accept_license=acc,
-                    requester=profile.username if profile is not None else GUEST,
+                    requester=GUEST,
+                    signed_in=user,
                 )
             except Exception as exc:
-                return [*shown, f"**Submit refused:** {_error_message(exc)}", gr.skip()]
+                return [*shown, f"**Submit refused:** {error_message(exc)}", *refused]
             return [
                 *shown,
                 f"✅ Queued as job `{job.id}` → `{job.spec.destination}`. Follow it in the **Queue** tab.",
                 gr.Tabs(selected="queue"),
+                [*(session_jobs or []), job.id],
+                job.id,
             ]
 
-        submit_btn.click(submit, [recipe, name, private, accept], [*check_outputs, tabs])
+        submit_btn.click(submit, [recipe, name, private, accept, mine], [*check_outputs, tabs, mine, job_box])
 
         def refresh() -> str:
-            return queue_html(queue_rows(service.jobs(), service.hub_url))
+            return queue_html(queue_rows(service.jobs(), service.hub_url, service.notes()))
+
+        wire_evolve(tabs, mine, job_box)
+
+        def cancel(job_id: str, session_jobs: list[str], profile: gr.OAuthProfile | None) -> str:
+            user = user_name(profile)
+            try:
+                return service.cancel(job_id or "", user=user, session_jobs=session_jobs or [])
+            except Exception as exc:
+                return f"**Not cancelled:** {error_message(exc)}"
+
+        def resume(job_id: str, profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None) -> str:
+            user = signed_in(profile, oauth_token)
+            if user is None:
+                return "**Not resumed:** sign in with Hugging Face first (the button at the top)."
+            try:
+                job = service.resume(job_id or "", user)
+            except Exception as exc:
+                return f"**Not resumed:** {error_message(exc)}"
+            return f"▶️ Job `{job.id}` is back in the queue."
+
+        cancel_btn.click(cancel, [job_box, mine], job_note).then(refresh, None, queue)
+        resume_btn.click(resume, [job_box], job_note).then(refresh, None, queue)
 
         timer.tick(refresh, None, queue, show_progress="hidden")
         ui.load(refresh, None, queue)

@@ -206,3 +206,27 @@ def example_form(method: str, base: str, others: Sequence[str]) -> MergeForm:
     except RecipeError:
         raise
     return form
+
+
+def example_search(base: str, others: Sequence[str], data: str) -> str:
+    """An example search file for the Evolve tab: TIES weights and densities of ``others`` over ``base``."""
+    models = ", ".join(others)
+    return (
+        "# An evolutionary search (CMA-ES) over a merge's coefficients; the best merge is published.\n"
+        "method: ties\n"
+        f"base_model: {base}\n"
+        f"models: [{models}]\n"
+        "parameters:               # searched: one value per model\n"
+        "  weight: {min: 0.1, max: 1.0}\n"
+        "  density: {min: 0.2, max: 1.0}\n"
+        "dtype: bfloat16\n"
+        "evaluation:               # data: a file in a Hub repo (hf://datasets/org/name/path or hf://org/name/path)\n"
+        "  kind: perplexity\n"
+        f"  data: {data}\n"
+        "  search_size: 8\n"
+        "  report_size: 8\n"
+        "  block_size: 32\n"
+        "budget: {trials: 4}\n"
+        "baselines: [linear, ties]\n"
+        "seed: 0\n"
+    )

@@ -5,16 +5,23 @@ going after a problem, so the page can show every row of the compatibility table
 licence verdict together; ``submit`` runs the bot's own ``preflight`` (which refuses what the
 check refused) and enters the job in the bot's store and scheduler, the queue the discussion
 commands use.
+
+Signed in with Hugging Face, a user's merge goes to the user's namespace and is published with
+the user's own token, which the bot holds in memory only (:mod:`bot.credentials`); after a
+restart such a job waits in ``needs_sign_in`` until the same user signs in and resumes it.
+Without sign-in, merges go to the bot's (the Space's organisation's) namespace as before.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from bot.cards import build_context, render_card
-from bot.errors import BotError, DestinationError, QuotaError
+from bot.credentials import UserCredential
+from bot.errors import BotError, DestinationError, JobNotFound, QuotaError
 from bot.hub import Lineage, RepoFacts
 from bot.jobs import Job, JobSpec
 from bot.licenses import LicenseVerdict, ParentLicense, decide
@@ -53,6 +60,23 @@ class CheckReport:
         return self.bytes_to_read / READ_BYTES_PER_S
 
 
+@dataclass(frozen=True)
+class SearchCheck:
+    """What the Evolve tab shows after "Check": what is searched, and what stops it if anything."""
+
+    problems: tuple[str, ...] = ()
+    method: str = ""
+    dimensions: tuple[str, ...] = ()  # the searched coordinates, e.g. "weight tiny-math"
+    trials: int = 0
+    baselines: tuple[str, ...] = ()
+    evaluation: str = ""
+    destination: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
 def _valid_name(name: str) -> str | None:
     if not name:
         return "Give the merged model a name (the repo it is published to)."
@@ -71,27 +95,41 @@ class SpaceService:
     def hub_url(self) -> str:
         return self.bot.hub.endpoint
 
-    def namespace(self) -> str:
-        """Where merges are published: the bot's account (or the Space's organisation)."""
-        return self.bot.name or self.bot.hub.whoami()
+    def namespace(self, user: str | None = None) -> str:
+        """Where merges are published: a signed-in user's own namespace, else the bot's account."""
+        return user or self.bot.name or self.bot.hub.whoami()
 
-    def destination(self, name: str) -> str:
-        return f"{self.namespace()}/{name}"
+    def destination(self, name: str, user: str | None = None) -> str:
+        return f"{self.namespace(user)}/{name}"
+
+    def _confirm(self, signed_in: UserCredential) -> None:
+        """The token must be the signed-in user's own (it publishes in that namespace)."""
+        try:
+            owner = self.bot.hub.as_user(signed_in.token.get_secret_value()).whoami()
+        except BotError:
+            owner = None
+        if owner != signed_in.user:
+            raise DestinationError("Your Hugging Face sign-in could not be confirmed; sign out and in again.")
 
     def repo_url(self, repo_id: str) -> str:
         return self.bot.hub.repo_url(repo_id)
 
     # -- check ----------------------------------------------------------------------------
 
-    def check(self, recipe_yaml: str, *, name: str, accept_license: bool = False) -> CheckReport:
-        """The preflight report for a recipe; never raises for anything a user can cause."""
+    def check(
+        self, recipe_yaml: str, *, name: str, accept_license: bool = False, user: str | None = None
+    ) -> CheckReport:
+        """The preflight report for a recipe (``user``: signed in, publishing to their namespace).
+
+        Never raises for anything a user can cause.
+        """
         try:
             config = load_recipe(recipe_yaml if recipe_yaml.endswith("\n") else recipe_yaml + "\n")
         except RecipeError as exc:
             return CheckReport(problems=(f"The recipe is not valid:\n{exc}",))
         problems: list[str] = []
         name_problem = _valid_name(name)
-        destination = self.destination(name) if name_problem is None else ""
+        destination = self.destination(name, user) if name_problem is None else ""
         if name_problem:
             problems.append(name_problem)
         elif self.bot.store.active_for(destination) or self.bot.hub.repo_exists(destination):
@@ -138,8 +176,8 @@ class SpaceService:
         if facts:
             lineage = self._lineage(list(facts))
             context = build_context(
-                repo_id=destination or f"{self.namespace()}/{name or 'your-merge'}",
-                requester=self.namespace(),
+                repo_id=destination or f"{self.namespace(user)}/{name or 'your-merge'}",
+                requester=self.namespace(user),
                 bot_name=self.namespace(),
                 hub_url=self.hub_url,
                 method=config.merge_method,
@@ -181,21 +219,30 @@ class SpaceService:
         private: bool = False,
         accept_license: bool = False,
         requester: str | None = None,
+        signed_in: UserCredential | None = None,
     ) -> Job:
         """Queue the merge in the bot's queue, after the bot's own preflight.
+
+        Args:
+            requester: who asked, when nobody signed in (default: the Space's guest).
+            signed_in: the user signed in with Hugging Face: the merge goes to their namespace
+                and is published with their token, held in memory only.
 
         Raises:
             engine.RecipeError, engine.MergeError, bot.errors.BotError: the merge is refused
             (the message says why); nothing was queued.
         """
-        user = requester or GUEST
+        user = signed_in.user if signed_in is not None else requester or GUEST
         problem = _valid_name(name)
         if problem:
             raise DestinationError(problem)
         if self.bot.store.active_count(user) >= self.bot.settings.max_jobs_per_user:
             raise QuotaError(user, self.bot.settings.max_jobs_per_user)
-        destination = self.destination(name)
-        if self.bot.store.active_for(destination) or self.bot.hub.repo_exists(destination):
+        if signed_in is not None:
+            self._confirm(signed_in)
+        destination = self.destination(name, signed_in.user if signed_in else None)
+        owner_hub = self.bot.hub.as_user(signed_in.token.get_secret_value()) if signed_in else self.bot.hub
+        if self.bot.store.active_for(destination) or owner_hub.repo_exists(destination):
             raise DestinationError(f"`{destination}` already exists; choose another name.")
         pre = preflight(
             self.bot.hub,
@@ -213,11 +260,128 @@ class SpaceService:
             parents={repo: f.sha for repo, f in pre.facts.items()},
             private=private,
             accept_license=accept_license,
+            credential="user" if signed_in else "bot",
         )
-        job = self.bot.store.add(spec)
-        self.bot.queue.schedule(job.id)
-        log.info("job %s queued from the Space: %s for %s", job.id, destination, user)
+        return self._enqueue(spec, signed_in)
+
+    def _enqueue(self, spec: JobSpec, signed_in: UserCredential | None) -> Job:
+        job = self.bot.enqueue(spec, signed_in=signed_in)
+        log.info("job %s queued from the Space: %s for %s", job.id, spec.destination, spec.requester)
         return job
+
+    # -- evolve ---------------------------------------------------------------------------
+
+    def check_search(
+        self, search_yaml: str, *, name: str, accept_license: bool = False, user: str | None = None
+    ) -> SearchCheck:
+        """Validate a search file and check its models and data on the Hub; never raises for user errors."""
+        from bot.evolve import check_search_file, preflight_search, searched_dimensions
+
+        problems: list[str] = []
+        name_problem = _valid_name(name)
+        destination = self.destination(name, user) if name_problem is None else ""
+        if name_problem:
+            problems.append(name_problem)
+        try:
+            _, spec, data_ref = check_search_file(search_yaml, max_trials=self.bot.settings.max_evolve_trials)
+        except (BotError, MergeError) as exc:
+            return SearchCheck(problems=(*problems, str(exc)), destination=destination)
+        if destination and (self.bot.store.active_for(destination) or self.bot.hub.repo_exists(destination)):
+            problems.append(f"`{destination}` already exists; choose another name.")
+        try:
+            preflight_search(
+                self.bot.hub,
+                search_yaml,
+                accept_license=accept_license,
+                name=name or "evolved",
+                endpoint=self.bot.settings.hf_endpoint,
+                token=self.bot.settings.hf_token.get_secret_value(),
+                max_trials=self.bot.settings.max_evolve_trials,
+            )
+        except (BotError, MergeError) as exc:
+            problems.append(str(exc))
+        return SearchCheck(
+            problems=tuple(problems),
+            method=spec.method,
+            dimensions=tuple(searched_dimensions(spec)),
+            trials=spec.budget.trials or 0,
+            baselines=tuple(spec.baselines),
+            evaluation=f"{spec.evaluation.kind} on `{data_ref}`",
+            destination=destination,
+        )
+
+    def submit_search(
+        self,
+        search_yaml: str,
+        *,
+        name: str,
+        private: bool = False,
+        accept_license: bool = False,
+        requester: str | None = None,
+        signed_in: UserCredential | None = None,
+    ) -> Job:
+        """Queue an evolutionary search in the bot's queue (the same as `@mergebot evolve`).
+
+        Raises:
+            engine.MergeError, bot.errors.BotError: the search is refused; nothing was queued.
+        """
+        problem = _valid_name(name)
+        if problem:
+            raise DestinationError(problem)
+        if signed_in is not None:
+            self._confirm(signed_in)
+        job = self.bot.evolve(
+            search_yaml,
+            name=name,
+            user=signed_in.user if signed_in else requester or GUEST,
+            private=private,
+            accept_license=accept_license,
+            signed_in=signed_in,
+        )
+        log.info("evolve job %s queued from the Space: %s", job.id, job.spec.destination)
+        return job
+
+    # -- cancel and resume ----------------------------------------------------------------
+
+    def may_cancel(self, job: Job, *, user: str | None, session_jobs: Collection[str] = ()) -> bool:
+        """A job may be cancelled by its signed-in requester, or from the page session that submitted it."""
+        return (user is not None and job.spec.requester == user) or job.id in session_jobs
+
+    def cancel(self, job_id: str, *, user: str | None, session_jobs: Collection[str] = ()) -> str:
+        """Cancel a waiting job, or stop a running one (it publishes nothing); returns what to show.
+
+        Raises:
+            bot.errors.JobNotFound: no such job, or not one this visitor may cancel.
+        """
+        job_id = job_id.strip()
+        job = self.bot.store.get(job_id)
+        if job is None or not self.may_cancel(job, user=user, session_jobs=session_jobs):
+            raise JobNotFound(job_id)
+        return self.bot.cancel_job(job_id)
+
+    def resume(self, job_id: str, signed_in: UserCredential) -> Job:
+        """Resume a job that waits for its requester to sign in again, with the new sign-in's token.
+
+        Raises:
+            bot.errors.JobNotFound: no such job of this user. DestinationError: it is not waiting
+            for a sign-in, or the sign-in cannot be confirmed.
+        """
+        job_id = job_id.strip()
+        job = self.bot.store.get(job_id)
+        if job is None or job.spec.requester != signed_in.user:
+            raise JobNotFound(job_id)
+        if job.state != "needs_sign_in":
+            raise DestinationError(f"Job `{job_id}` is {job.state}; only a job waiting for sign-in resumes.")
+        self._confirm(signed_in)
+        self.bot.credentials.put(job_id, signed_in)
+        if not self.bot.store.resume_signed_in(job_id):
+            self.bot.credentials.drop(job_id)
+            raise DestinationError(f"Job `{job_id}` changed state; reload the queue.")
+        self.bot.queue.schedule(job_id)
+        log.info("job %s resumed by its requester", job_id)
+        resumed = self.bot.store.get(job_id)
+        assert resumed is not None
+        return resumed
 
     # -- queue ----------------------------------------------------------------------------
 
@@ -225,3 +389,7 @@ class SpaceService:
         """Every job, newest first, with its place in the queue (None once finished)."""
         jobs = self.bot.store.all()
         return [(j, self.bot.store.queue_position(j.id)) for j in reversed(jobs)]
+
+    def notes(self) -> Mapping[str, str]:
+        """Each running job's latest progress line (an evolve job's trial and best score)."""
+        return self.bot.store.notes()

@@ -7,13 +7,13 @@ rows or markdown/HTML text, so the page's content is tested without a browser.
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bot.jobs import Job
 from bot.licenses import LicenseVerdict
 from engine.check import Audit
-from space.service import CheckReport
+from space.service import CheckReport, SearchCheck
 
 COMPAT_HEADERS = ("model", "architecture", "layers", "hidden size", "vocab size", "parameters")
 # audit field name -> column of the compatibility table
@@ -137,6 +137,7 @@ def card_preview(card: str) -> str:
 STATE_LABEL = {
     "queued": "waiting",
     "running": "merging…",
+    "needs_sign_in": "⏸ sign in again to resume",
     "succeeded": "✓ done",
     "failed": "✗ failed",
     "cancelled": "cancelled",
@@ -153,14 +154,23 @@ class QueueRow:
     percent: int
     detail: str
     link: str | None
+    kind: str = "merge"
 
 
-def queue_rows(jobs: Sequence[tuple[Job, int | None]], hub_url: str) -> tuple[QueueRow, ...]:
-    """One row per job: its place ("next", "3rd"...), progress, status and, when done, its repo."""
+def queue_rows(
+    jobs: Sequence[tuple[Job, int | None]], hub_url: str, notes: Mapping[str, str] | None = None
+) -> tuple[QueueRow, ...]:
+    """One row per job: its place ("next", "3rd"...), progress, status and, when done, its repo.
+
+    ``notes``: job id -> its latest progress line (an evolve job's "trial 3/5, best …").
+    """
+    notes = notes or {}
     rows = []
     for job, position in jobs:
         if job.state == "running":
-            place = "merging now"
+            place = "searching now" if job.spec.kind == "evolve" else "merging now"
+        elif job.state == "needs_sign_in":
+            place = "paused"
         elif position is not None:
             place = "next" if position == 1 else f"#{position} in line"
         else:
@@ -170,8 +180,10 @@ def queue_rows(jobs: Sequence[tuple[Job, int | None]], hub_url: str) -> tuple[Qu
             detail = (job.reason or "").strip()
         elif job.state == "succeeded" and job.result_commit:
             detail = f"commit {job.result_commit[:12]}"
-        elif job.state == "cancelled":
+        elif job.state in ("cancelled", "needs_sign_in"):
             detail = job.reason or ""
+        elif job.state == "running":
+            detail = notes.get(job.id, "")
         link = f"{hub_url.rstrip('/')}/{job.spec.destination}" if job.state == "succeeded" else None
         rows.append(
             QueueRow(
@@ -183,6 +195,7 @@ def queue_rows(jobs: Sequence[tuple[Job, int | None]], hub_url: str) -> tuple[Qu
                 percent=round(100 * (1.0 if job.state == "succeeded" else job.progress)),
                 detail=detail,
                 link=link,
+                kind="evolve" if job.spec.kind == "evolve" else "merge",
             )
         )
     return tuple(rows)
@@ -193,7 +206,7 @@ def queue_html(rows: Sequence[QueueRow]) -> str:
     if not rows:
         return "<p class='mb-muted'>No merges yet. Compose one in the first tab.</p>"
     out = [
-        "<table class='mb-table' id='mb-queue'><thead><tr><th>job</th><th>model</th><th>by</th>"
+        "<table class='mb-table' id='mb-queue'><thead><tr><th>job</th><th>kind</th><th>model</th><th>by</th>"
         "<th>status</th><th>place</th><th>progress</th><th>details</th></tr></thead><tbody>"
     ]
     for r in rows:
@@ -212,8 +225,32 @@ def queue_html(rows: Sequence[QueueRow]) -> str:
         )
         out.append(
             f"<tr data-job='{html.escape(r.job_id)}' data-state='{r.state}'><td><code>{html.escape(r.job_id)}</code></td>"
-            f"<td>{model}</td><td>{html.escape(r.requester)}</td><td>{STATE_LABEL[r.state]}</td>"
+            f"<td>{r.kind}</td><td>{model}</td><td>{html.escape(r.requester)}</td><td>{STATE_LABEL[r.state]}</td>"
             f"<td>{html.escape(r.place)}</td><td>{bar}</td><td>{html.escape(r.detail)}</td></tr>"
         )
     out.append("</tbody></table>")
     return "".join(out)
+
+
+def search_check_markdown(check: SearchCheck) -> str:
+    """The Evolve tab's check: what is searched, on what, for how long, and any problem."""
+    lines = []
+    if check.ok:
+        lines.append(f"### ✓ Ready to search, then publish the best merge to `{check.destination}`")
+    else:
+        lines.append("### ✗ This search cannot be submitted")
+        lines += [f"- {p}" for p in check.problems]
+    if check.dimensions:
+        baselines = ", ".join(check.baselines) or "none"
+        lines += [
+            "",
+            f"**{check.method}** merge, {check.trials} search trials after the baselines ({baselines}), "
+            f"scored by {check.evaluation}.",
+            "",
+            f"Searched parameters ({len(check.dimensions)}):",
+            "",
+            "| # | parameter |",
+            "|---|---|",
+            *[f"| {i} | {d} |" for i, d in enumerate(check.dimensions, start=1)],
+        ]
+    return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.commands import Cancel, Help, Invalid, Merge, Remerge, Status, parse, render, usage
+from bot.commands import Cancel, Evolve, Help, Invalid, Merge, Remerge, Status, parse, render, usage
 
 BOT = "mergebot"
 RECIPE = "merge_method: linear\nmodels:\n  - model: a/b\n"
@@ -16,6 +16,17 @@ def test_merge_with_flags_and_recipe() -> None:
     assert parse(text, BOT) == Merge(name="my-merge", recipe=RECIPE, private=True, accept_license=True)
     assert parse(f"@{BOT} merge --name=x\n```yml\n{RECIPE}```", BOT) == Merge("x", RECIPE)
     assert parse(f"@MergeBot merge --name x\n```\n{RECIPE}```", BOT) == Merge("x", RECIPE)
+
+
+def test_evolve_takes_the_merge_flags_and_a_search_file() -> None:
+    search = "method: ties\nbase_model: a/base\nmodels: [a/b]\n"
+    text = f"@{BOT} evolve --name evolved --private\n```yaml\n{search}```"
+    assert parse(text, BOT) == Evolve(name="evolved", search=search, private=True)
+    missing = parse(f"@{BOT} evolve --name x", BOT)
+    assert isinstance(missing, Invalid) and "search file" in missing.problem
+    wrong = parse(f"@{BOT} evolve --trials 3", BOT)
+    assert isinstance(wrong, Invalid) and "`evolve` does not take" in wrong.problem
+    assert "hf://datasets/" in usage(BOT) and f"@{BOT} evolve" in usage(BOT)
 
 
 def test_simple_commands() -> None:
@@ -71,6 +82,7 @@ def test_never_raises(text: str, bot: str, author: str | None) -> None:
     parse(text, bot, author)
     parse(f"@{bot} {text}", bot, author)
     parse(f"@{bot} merge --name x\n```yaml\n{text}", bot, author)
+    parse(f"@{bot} evolve --name x\n```yaml\n{text}", bot, author)
 
 
 names = st.from_regex(r"[A-Za-z0-9](?:[A-Za-z0-9_]{0,20}[A-Za-z0-9])?", fullmatch=True)
@@ -85,6 +97,13 @@ commands = st.one_of(
         private=st.booleans(),
         accept_license=st.booleans(),
     ),
+    st.builds(
+        Evolve,
+        name=names,
+        search=recipes.map(lambda t: t if t.endswith("\n") else t + "\n"),
+        private=st.booleans(),
+        accept_license=st.booleans(),
+    ),
     st.just(Status()),
     st.just(Help()),
     st.just(Remerge()),
@@ -95,7 +114,7 @@ commands = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(commands, st.text(alphabet=st.characters(blacklist_characters="@`"), max_size=40))
 def test_generated_commands_round_trip(
-    command: Merge | Status | Help | Remerge | Cancel, preamble: str
+    command: Merge | Evolve | Status | Help | Remerge | Cancel, preamble: str
 ) -> None:
     text = render(command, BOT)
     assert parse(text, BOT) == command

@@ -46,6 +46,26 @@ def test_specs_round_trip_and_running_jobs_are_requeued(tmp_path: Path) -> None:
     assert again.requeue_running() == [job.id] and again.get(job.id).state == "queued"  # type: ignore[union-attr]
 
 
+def test_a_user_credential_job_waits_for_sign_in_after_a_restart(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'j.sqlite'}"
+    store = JobStore(make_engine(url))
+    mine = spec().model_copy(update={"credential": "user", "destination": "alice/x"})
+    waiting, running, bots = store.add(mine), store.add(mine), store.add(spec())
+    store.claim(running.id)
+    store.set_progress(running.id, 0.5, "trial 1/3, best 12")
+    assert store.notes() == {running.id: "trial 1/3, best 12"}
+    again = JobStore(make_engine(url))  # a new process: no credential held for them
+    assert again.hold_for_sign_in(waiting.id) and again.hold_for_sign_in(running.id)
+    held = again.get(running.id)
+    assert held is not None and held.state == "needs_sign_in" and "sign in again" in (held.reason or "")
+    assert held.progress == 0.0 and again.queue_position(held.id) is None
+    assert again.queue_position(bots.id) == 1  # waiting for a sign-in holds nobody back
+    assert again.active_count("alice") == 3 and not again.claim(held.id)
+    assert again.resume_signed_in(held.id) and again.get(held.id).state == "queued"  # type: ignore[union-attr]
+    assert again.cancel(waiting.id) == "needs_sign_in" and again.get(waiting.id).state == "cancelled"  # type: ignore[union-attr]
+    assert not again.resume_signed_in(waiting.id)
+
+
 def test_delivery_keys_persist(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'j.sqlite'}"
     store = JobStore(make_engine(url))

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 from botkit import (
+    ALICE_TOKEN,
     BOT,
+    BOT_TOKEN,
     RECIPE,
     TOKENS,
     BotFactory,
@@ -19,11 +21,15 @@ from botkit import (
     wait_for,
 )
 from huggingface_hub.community import DiscussionComment
+from pydantic import SecretStr
 
 from bot.cli import RedactSecrets
+from bot.credentials import UserCredential
 from bot.errors import BotError
 from bot.hub import Hub
+from bot.jobs import JobSpec
 from bot.settings import Settings, SettingsError
+from bot.worker import preflight
 
 
 def test_no_token_anywhere(
@@ -82,6 +88,52 @@ def test_no_token_anywhere(
     joined = "\n".join(seen)
     for token in TOKENS:
         assert token not in joined
+
+
+def test_a_signed_in_users_token_publishes_and_is_never_written(
+    world: World, serve_bot: BotFactory, captured_logs: list[str], tmp_path: Path
+) -> None:
+    server = serve_bot(run_jobs=False, webhook=False)
+    bot = server.bot
+    pre = preflight(
+        bot.hub, RECIPE, accept_license=False, name="x", endpoint=world.hub.endpoint, token=BOT_TOKEN
+    )
+
+    def user_job(user: str, name: str) -> JobSpec:
+        return JobSpec(
+            requester=user,
+            destination=f"{user}/{name}",
+            recipe_yaml=pre.config.to_yaml(),
+            parents={r: f.sha for r, f in pre.facts.items()},
+            credential="user",
+        )
+
+    revoked = "hf_bobREVOKEDtoken_0123456789"
+    bot.enqueue(user_job("alice", "signed-in"), signed_in=UserCredential("alice", SecretStr(ALICE_TOKEN)))
+    refused = bot.enqueue(user_job("bob", "revoked"), signed_in=UserCredential("bob", SecretStr(revoked)))
+    forgotten = bot.enqueue(user_job("alice", "forgotten"))  # as after a restart: no credential held
+    bot.queue.resume()
+    ok = finished_job(bot, "alice/signed-in")
+    assert ok.state == "succeeded", ok.reason
+
+    def held(job_id: str) -> bool:
+        return bot.store.get(job_id).state == "needs_sign_in"  # type: ignore[union-attr]
+
+    wait_for(lambda: held(forgotten.id) and held(refused.id), what="both held for a new sign-in")
+    failed = bot.store.get(refused.id)
+    assert failed is not None and "expired or was revoked" in (failed.reason or "")
+    assert not world.alice.repo_exists(f"{BOT}/forgotten") and not world.alice.repo_exists("alice/forgotten")
+    commits = world.alice.list_repo_commits("alice/signed-in")
+    merge = next(c for c in commits if "mergebot-job" in c.title)
+    assert merge.authors == ["alice"] and BOT not in {a for c in commits for a in c.authors}
+    assert not world.alice.repo_exists("bob/revoked") and bot.credentials.held() == frozenset()
+
+    readme = world.alice.hf_hub_download("alice/signed-in", "README.md", local_dir=tmp_path / "c")
+    stored = b"".join(p.read_bytes() for p in bot.settings.data_dir.rglob("*") if p.is_file())
+    seen = [Path(readme).read_text(), *captured_logs, failed.reason or "", repr(bot.credentials)]
+    seen += [j.spec.model_dump_json() for j in bot.store.all()]
+    for secret in (ALICE_TOKEN, revoked):
+        assert secret.encode() not in stored and secret not in "\n".join(seen)
 
 
 def test_settings_read_only_the_bot_variables() -> None:

@@ -148,3 +148,32 @@ def test_incompatible_merge_is_named_and_refused(page: Any, stack: DemoStack, tm
     shot(page, tmp_path, "4-incompatible-refused")
     jobs = httpx.get(f"{stack.url}jobs").json()
     assert all(j["destination"] != "mergebot/tiny-broken" for j in jobs)
+
+
+def test_cancel_a_waiting_job_and_check_a_search(page: Any, stack: DemoStack, tmp_path: Path) -> None:
+    stack.bot.queue.hold()  # the job must still be waiting when Cancel is pressed
+    try:
+        choose(page, "mb-example", "ties")
+        page.wait_for_function("document.querySelector('#mb-note').innerText.includes('Example for')")
+        set_name(page, "tiny-cancelled")
+        page.click("#mb-submit")
+        page.wait_for_selector("#mb-queue tr[data-state=queued]")
+        job_id = page.locator("#mb-job-id textarea, #mb-job-id input").first.input_value()
+        assert job_id and page.locator(f"#mb-queue tr[data-job='{job_id}']").count() == 1
+        page.click("#mb-cancel")
+        page.wait_for_selector(f"#mb-queue tr[data-job='{job_id}'][data-state=cancelled]")
+        assert "Cancelled" in page.locator("#mb-job-note").inner_text()
+        shot(page, tmp_path, "5-cancelled")
+    finally:
+        stack.bot.queue.resume()
+    assert stack.bot.store.get(job_id).state == "cancelled"  # type: ignore[union-attr]
+
+    page.get_by_role("tab", name="Evolve").click()
+    page.click("#mb-evolve-check")
+    page.wait_for_function(
+        "document.querySelector('#mb-evolve-report').innerText.includes('Searched parameters')"
+    )
+    report = page.locator("#mb-evolve-report").inner_text()
+    assert "weight tiny-math" in report and "cannot be submitted" in report
+    assert "has no tokenizer" in report and "evaluation data cannot be read" in report  # not in the demo
+    shot(page, tmp_path, "6-evolve-check")

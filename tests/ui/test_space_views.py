@@ -102,3 +102,15 @@ def test_queue_rows_give_place_progress_status_and_link() -> None:
 def test_queue_html_escapes_what_users_wrote() -> None:
     rows = queue_rows([(job("j9", "failed", reason="<script>x</script>"), None)], "http://hub")
     assert "<script>" not in queue_html(rows)
+
+
+def test_queue_rows_show_search_trials_and_jobs_waiting_for_sign_in() -> None:
+    running = job("e1", "running", 0.4)
+    search = replace(running, spec=running.spec.model_copy(update={"kind": "evolve"}))
+    held = job("h1", "needs_sign_in", reason="the bot restarted; sign in again to resume, or cancel")
+    rows = queue_rows([(search, 0), (held, None)], "http://hub", {"e1": "trial 2/5 (search), best 12.3"})
+    assert rows[0].kind == "evolve" and rows[0].place == "searching now"
+    assert rows[0].detail == "trial 2/5 (search), best 12.3" and rows[0].percent == 40
+    assert rows[1].kind == "merge" and rows[1].place == "paused" and "sign in again" in rows[1].detail
+    shown = queue_html(rows)
+    assert "<td>evolve</td>" in shown and "⏸ sign in again to resume" in shown
