@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.parallel import scratch
+
 try:  # numba is an optional accelerator: everything works without it, more slowly
     from llvmlite import ir
     from numba import njit, types
@@ -293,6 +295,8 @@ if HAVE_NUMBA:
         normalize: bool,
         lam: Any,
         out: Any,
+        merged: Any,
+        divisor: Any,
     ) -> None:
         # the vote, the agreeing rows' sum and its divisor, lambda, plus the base; then the store.
         # Row by row over the slice (not element by element over the rows): loops the
@@ -301,8 +305,8 @@ if HAVE_NUMBA:
         one = np.float32(1.0)
         zero = np.float32(0.0)
         if consensus != 0:
-            merged = np.zeros(length, np.float32)
-            divisor = np.zeros(length, np.float32)
+            merged[:] = zero
+            divisor[:] = zero
             for r in range(rows.shape[0]):
                 w = weights[r]
                 row = rows[r]
@@ -331,10 +335,9 @@ if HAVE_NUMBA:
                 store(out, start + j, m + load(base, start + j))
 
     @njit(nogil=True, cache=True)
-    def _delta_gram(models: Any, base: Any, start: int, end: int) -> Any:
+    def _delta_gram(models: Any, base: Any, start: int, end: int, deltas: Any) -> Any:
         count = len(models)
         gram = np.zeros((count, count), np.float64)
-        deltas = np.empty((count, end - start), np.float32)
         for m in range(count):
             x = models[m]
             for i in range(start, end):
@@ -356,9 +359,10 @@ if HAVE_NUMBA:
         return gram
 
     @njit(nogil=True, cache=True)
-    def _scaled_delta_sum(models: Any, base: Any, start: int, end: int, scale: Any, out: Any) -> None:
+    def _scaled_delta_sum(
+        models: Any, base: Any, start: int, end: int, scale: Any, out: Any, acc: Any
+    ) -> None:
         # the torch path's order: d_0 + d_1 + ..., times scale, plus the base
-        acc = np.empty(end - start, np.float32)
         for i in range(start, end):
             acc[i - start] = load(models[0], i) - load(base, i)
         for m in range(1, len(models)):
@@ -369,9 +373,8 @@ if HAVE_NUMBA:
             store(out, i, acc[i - start] * scale + load(base, i))
 
     @njit(nogil=True, cache=True)
-    def _weighted_sum(inputs: Any, start: int, end: int, weights: Any, out: Any) -> None:
+    def _weighted_sum(inputs: Any, start: int, end: int, weights: Any, out: Any, acc: Any) -> None:
         # linear: x_0 * w_0, then + x_i * w_i in model order, fused multiply-adds in float32 (as torch)
-        acc = np.empty(end - start, np.float32)
         w0 = weights[0]
         for i in range(start, end):
             acc[i - start] = load(inputs[0], i) * w0
@@ -388,7 +391,8 @@ def delta_gram(
     models: tuple[np.ndarray[Any, Any], ...], base: np.ndarray[Any, Any], start: int, end: int
 ) -> np.ndarray[Any, Any]:
     """The Gram matrix of the task vectors ``model_i - base`` over ``[start, end)``, in float64."""
-    return _delta_gram(models, base, start, end)
+    deltas = scratch("gram", len(models) * (end - start)).reshape(len(models), end - start)
+    return _delta_gram(models, base, start, end, deltas)
 
 
 def scaled_delta_sum(
@@ -400,7 +404,7 @@ def scaled_delta_sum(
     out: np.ndarray[Any, Any],
 ) -> None:
     """``out = (sum_i (model_i - base)) * scale + base`` over ``[start, end)`` (Model Stock's merge)."""
-    _scaled_delta_sum(models, base, start, end, np.float32(scale), out)
+    _scaled_delta_sum(models, base, start, end, np.float32(scale), out, scratch("sum", end - start))
 
 
 def magnitude_histograms(
@@ -523,6 +527,8 @@ def combine_rows(
         normalize,
         np.float32(lam),
         out,
+        scratch("merged", end - start),
+        scratch("divisor", end - start),
     )
 
 
@@ -533,4 +539,4 @@ def weighted_sum(
     weights: np.ndarray[Any, Any],
     out: np.ndarray[Any, Any],
 ) -> None:
-    _weighted_sum(inputs, start, end, weights, out)
+    _weighted_sum(inputs, start, end, weights, out, scratch("sum", end - start))

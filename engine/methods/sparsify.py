@@ -89,20 +89,23 @@ def block_seed(seed: int, start: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + start) % (1 << 63)
 
 
-def uniform_draws(seed: int, start: int, count: int) -> torch.Tensor:
+def uniform_draws(seed: int, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Uniform [0, 1) draws for flat positions [start, start + count), ``start`` a block boundary.
 
     Position p always gets the same draw for the same seed, whether the tensor is drawn
-    whole or slice by slice, in any order, on any thread.
+    whole or slice by slice, in any order, on any thread. ``out`` (float32, ``count``
+    elements) receives them instead of a fresh tensor.
     """
     if start % DRAW_BLOCK:
         raise ValueError(f"draws must start on a block boundary, not at {start}")
-    blocks = []
+    draws = out if out is not None else torch.empty(count, dtype=torch.float32)
     for block in range(start, start + count, DRAW_BLOCK):
         generator = torch.Generator(device="cpu").manual_seed(block_seed(seed, block))
         size = min(DRAW_BLOCK, start + count - block)
-        blocks.append(torch.rand(size, generator=generator, dtype=torch.float32))
-    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        torch.rand(
+            size, generator=generator, dtype=torch.float32, out=draws[block - start : block - start + size]
+        )
+    return draws
 
 
 def bernoulli(delta: torch.Tensor, density: float, rescale: bool, seed: int) -> torch.Tensor:

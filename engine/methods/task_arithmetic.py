@@ -40,7 +40,7 @@ from engine.methods.sparsify import (
     topk_cut,
     uniform_draws,
 )
-from engine.parallel import map_on_cores
+from engine.parallel import map_on_cores, scratch
 
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"] | None
 Consensus = Literal["sum", "count"] | None
@@ -436,8 +436,10 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
 
     def merge_slice(start: int) -> None:
         end = min(start + SLICE, n)
-        rows = np.empty((len(models), end - start), dtype=np.float32)
-        totals = np.zeros(end - start, dtype=np.float32)
+        length = end - start
+        rows = scratch("rows", len(models) * length).reshape(len(models), length)
+        totals = scratch("totals", length)
+        totals[:] = 0.0
         for r, (model, keep, weight) in enumerate(zip(models, keeps, weights, strict=True)):
             kernels.kept_delta_row(
                 model,
@@ -448,7 +450,13 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
                 last_tie=keep.top.last_tie,
                 drop_threshold=keep.drop.threshold,
                 drop_last_tie=keep.drop.last_tie,
-                draws=uniform_draws(keep.seed, start, end - start).numpy() if keep.kind == "random" else None,
+                draws=(
+                    uniform_draws(
+                        keep.seed, start, length, out=torch.from_numpy(scratch("draws", length))
+                    ).numpy()
+                    if keep.kind == "random"
+                    else None
+                ),
                 density=keep.density,
                 scale=keep.scale,
                 weight=weight,
