@@ -10,7 +10,7 @@ import statistics
 from typing import TYPE_CHECKING
 
 from engine.evolve.space import SearchSpace
-from engine.evolve.spec import SearchSpec
+from engine.evolve.spec import Evaluation, SearchSpec
 
 if TYPE_CHECKING:
     from engine.evolve.search import SearchResult, TrialRecord
@@ -34,6 +34,14 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _evaluated_on(evaluation: Evaluation) -> str:
+    """What was scored: the data file, or lm-eval's tasks (from a task folder or lm-eval's own)."""
+    if evaluation.kind == "lm_eval":
+        tasks = ", ".join(f"`{t}`" for t in evaluation.tasks or ())
+        return f"tasks {tasks}" + (f" from `{evaluation.data}`" if evaluation.data else "")
+    return f"`{evaluation.data}`"
+
+
 def render_markdown(result: SearchResult, space: SearchSpace, spec: SearchSpec) -> str:
     """The report as Markdown."""
     better = "lower" if result.direction == "minimize" else "higher"
@@ -50,7 +58,7 @@ def render_markdown(result: SearchResult, space: SearchSpace, spec: SearchSpec) 
         f"# Evolutionary merge search: {spec.method}",
         "",
         f"- models: {', '.join(f'`{m}`' for m in spec.models)} (base `{spec.base_model}`)",
-        f"- evaluation: {ev.kind} on `{ev.data}` ({result.metric}, {better} is better); "
+        f"- evaluation: {ev.kind} on {_evaluated_on(ev)} ({result.metric}, {better} is better); "
         f"search split {ev.search_size}, held-out split {ev.report_size}, split by seed {spec.seed}",
         f"- study `{result.study_name}` in `{result.storage}`: {len(searched)} search trials and "
         f"{len(baselines)} baselines completed",
