@@ -340,28 +340,28 @@ def _kernel_cut(model: np.ndarray, base: np.ndarray, n: int, k: int, sums: bool)
         map_on_cores(lambda s: kernels.magnitude_histograms(model, base, *bounds(s)), starts), axis=0
     )
     high_bin, above = _bin_of_kth(high, k)
-    low = np.sum(
-        map_on_cores(lambda s: kernels.magnitude_low_histogram(model, base, *bounds(s), high_bin), starts),
-        axis=0,
+    low_parts = map_on_cores(
+        lambda s: kernels.magnitude_low_histogram(model, base, *bounds(s), high_bin), starts
     )
+    low = np.sum(low_parts, axis=0)
     low_bin, above_low = _bin_of_kth(low, k - above)
     above += above_low
     threshold = float(np.array([(high_bin << 16) | low_bin], dtype=np.uint32).view(np.float32)[0])
     missing = k - above  # entries equal to the threshold that are kept, by position
-    equal = int(low[low_bin])
     last_tie = n - 1
+    if missing < int(low[low_bin]):  # the slices' own histograms say where the ties lie
+        seen = 0
+        for start, part in zip(starts, low_parts, strict=True):
+            count = int(part[low_bin])
+            if seen + count >= missing:
+                last_tie = kernels.nth_equal(model, base, *bounds(start), threshold, missing - seen)
+                break
+            seen += count
     total = kept = 0.0
-    if missing < equal or sums:
+    if sums:
         per_slice = map_on_cores(
-            lambda s: kernels.magnitude_sums(model, base, *bounds(s), threshold, sums), starts
+            lambda s: kernels.magnitude_sums(model, base, *bounds(s), threshold, True), starts
         )
-        if missing < equal:
-            seen = 0
-            for start, (count, _, _) in zip(starts, per_slice, strict=True):
-                if seen + count >= missing:
-                    last_tie = kernels.nth_equal(model, base, *bounds(start), threshold, missing - seen)
-                    break
-                seen += count
         total = sum(t for _, t, _ in per_slice)
         kept = sum(a for _, _, a in per_slice) + missing * threshold
     return _Cut(threshold, last_tie), total, kept
