@@ -2,8 +2,9 @@
 
 It starts localhub (a Hub-compatible server) in-process, seeds it with small demo models
 (a base and fine-tunes under different licences, two generations of lineage, each with a
-model card), creates a demo bot account and token there, and serves the bot (webhook and
-queue) and the Space (the merge form) from one process. Open the printed URL.
+model card and a tokenizer) and an evaluation dataset (for the Evolve tab's searches), creates
+a demo bot account and token there, and serves the bot (webhook and queue) and the Space (the
+merge form) from one process. Open the printed URL.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class DemoStack:
     hub_url: str  # localhub
     models: tuple[str, ...]  # the demo repos, base first
     bot: Any  # the bot.service.Bot serving the page and the webhook
+    dataset: str = ""  # the evaluation dataset repo (eval.txt, qa.jsonl)
 
 
 def _free_port(host: str) -> int:
@@ -53,7 +55,8 @@ def _read_or_make_token(path: Path, prefix: str) -> str:
 
 
 def seed_hub(endpoint: str, token: str, folder: Path) -> tuple[str, ...]:
-    """Upload the demo family to the Hub at ``endpoint`` (repos that exist are left alone)."""
+    """Upload the demo family to the Hub at ``endpoint`` (repos that exist are left alone, except
+    that a model from an older demo, without a tokenizer, gets one)."""
     from huggingface_hub import HfApi
 
     from mergebot.demo_models import DEMO_FAMILY, build_demo_models
@@ -61,11 +64,29 @@ def seed_hub(endpoint: str, token: str, folder: Path) -> tuple[str, ...]:
     paths = build_demo_models(str(folder))
     api = HfApi(endpoint=endpoint, token=token)
     for model in DEMO_FAMILY:
-        if api.repo_exists(model.repo_id):
+        if api.file_exists(model.repo_id, "tokenizer.json"):
             continue
-        api.create_repo(model.repo_id)
+        api.create_repo(model.repo_id, exist_ok=True)
         api.upload_folder(repo_id=model.repo_id, folder_path=paths[model.name], commit_message="Demo model")
     return tuple(m.repo_id for m in DEMO_FAMILY)
+
+
+def seed_dataset(endpoint: str, token: str, folder: Path) -> str:
+    """Upload the demo evaluation dataset (left alone if it exists); returns its repo id."""
+    from huggingface_hub import HfApi
+
+    from mergebot.demo_models import DEMO_DATASET, build_demo_dataset
+
+    api = HfApi(endpoint=endpoint, token=token)
+    if not api.repo_exists(DEMO_DATASET, repo_type="dataset"):
+        api.create_repo(DEMO_DATASET, repo_type="dataset")
+        api.upload_folder(
+            repo_id=DEMO_DATASET,
+            repo_type="dataset",
+            folder_path=build_demo_dataset(str(folder)),
+            commit_message="Demo evaluation data",
+        )
+    return DEMO_DATASET
 
 
 @contextmanager
@@ -90,6 +111,7 @@ def demo_stack(
         hub.add_user(BOT_ACCOUNT, bot_token)
         hub.add_user(DEMO_USER, user_token, orgs=["demo-lab"])
         models = seed_hub(hub.endpoint, user_token, data / "models")
+        dataset = seed_dataset(hub.endpoint, user_token, data / "datasets" / "eval-text")
         settings = Settings.model_validate(
             {
                 "hf_endpoint": hub.endpoint,
@@ -116,11 +138,16 @@ def demo_stack(
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the demo server did not start")
             time.sleep(0.05)
-        hook = hub.add_webhook(
-            f"http://{host}:{port}/webhooks/mergebot", [f"user:{BOT_ACCOUNT}"], secret=webhook_secret
+        hook = hub.hub.add_webhook(  # owned by the bot, which removes it when the demo stops
+            f"http://{host}:{port}/webhooks/mergebot",
+            [f"user:{BOT_ACCOUNT}"],
+            secret=webhook_secret,
+            owner=BOT_ACCOUNT,
         )
         try:
-            yield DemoStack(url=f"http://{host}:{port}/", hub_url=hub.endpoint, models=models, bot=bot)
+            yield DemoStack(
+                url=f"http://{host}:{port}/", hub_url=hub.endpoint, models=models, bot=bot, dataset=dataset
+            )
         finally:
             try:  # the next start serves on another port: this hook would only fail
                 HfApi(endpoint=hub.endpoint, token=bot_token).delete_webhook(hook.id)
@@ -148,7 +175,8 @@ def main(argv: Sequence[str]) -> int:
     print("Starting the demo: a local Hub with demo models, the merge bot and its Space…", flush=True)
     with demo_stack(args.data, host=args.host, port=args.port) as stack:
         print(f"\n  Open {stack.url} in your browser.\n", flush=True)
-        print(f"  Local Hub: {stack.hub_url} (demo models: {', '.join(stack.models)})")
+        print(f"  Local Hub: {stack.hub_url} (demo models: {', '.join(stack.models)};")
+        print(f"  evaluation data for the Evolve tab: datasets/{stack.dataset})")
         print(f"  State is kept in {Path(args.data).resolve()}; press Ctrl+C to stop.\n", flush=True)
         try:
             while True:

@@ -5,12 +5,19 @@ loads them, and the fine-tunes differ from their parent by small task vectors, a
 fine-tunes do, so every merge method has something meaningful to combine. The family has
 two generations of lineage (base -> fine-tunes -> a fine-tune of a fine-tune), parents under
 different licences, and one model of another shape, to show what an incompatible merge says.
+
+Each model carries a small real tokenizer (a BPE of at most ``vocab`` tokens, trained here on a
+short built-in text, loadable with transformers' ``AutoTokenizer``), and the demo's evaluation
+dataset (``demo-lab/eval-text``: a text for perplexity and prompt/answer items) is written from the
+same text, so an evolutionary search over the demo models runs out of the box.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import string
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +52,21 @@ DEMO_FAMILY: tuple[DemoModel, ...] = (
     DemoModel("wide-base", "apache-2.0", None, "an unrelated model with a larger hidden size", hidden=96),
 )
 DEMO_MODELS = tuple(m.name for m in DEMO_FAMILY)
+DEMO_DATASET = f"{ORG}/eval-text"  # a dataset repo: eval.txt (perplexity) and qa.jsonl (items)
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0-3: bos 1 and eos 2, as in the config
+# The tokenizer's training text, and the source of the evaluation text.
+DEMO_TEXT = """Model merging combines the weights of several fine-tuned models into one new model, without any training.
+A fine-tune starts from a base model and moves its weights a little way towards a task: arithmetic, code or chat.
+The difference between a fine-tune and its base model is called a task vector.
+Linear merging takes a weighted average of the task vectors and adds it to the base model.
+TIES keeps the largest entries of each task vector, elects a sign for every weight and averages those that agree.
+DARE drops most entries of each task vector at random and rescales the rest, so that the merge keeps its size.
+SLERP blends two models along the arc between them instead of the straight line.
+An evolutionary search tries many weights and densities, scores every merge on a small evaluation text, and keeps the best one.
+The score of a language model on a text is its perplexity: the lower it is, the better the model predicts the next token.
+A model card names the parents of a merge, their licences, and the recipe that made it, so that anyone can make it again.
+"""
 
 
 def _config(hidden: int, layers: int, vocab: int) -> dict[str, object]:
@@ -96,16 +118,116 @@ def model_card(model: DemoModel) -> str:
     return "---\n" + "\n".join(meta) + f"\n---\n\n# {model.name}\n\nA tiny demo model: {model.about}.\n"
 
 
+def tokenizer_files(vocab: int = 256) -> dict[str, str]:
+    """tokenizer.json and tokenizer_config.json of the demo tokenizer (at most ``vocab`` tokens).
+
+    A BPE over printable ASCII with SentencePiece-style word boundaries (``▁``), trained on
+    :data:`DEMO_TEXT` in milliseconds and deterministic; other characters become ``<unk>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    alphabet = list(string.ascii_letters + string.digits + string.punctuation)
+    core = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS[0]))
+    core.normalizer = normalizers.NFKC()
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    core.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet) + 1,  # + the word boundary
+        min_frequency=1,
+        show_progress=False,
+    )
+    core.train_from_iterator(DEMO_TEXT.splitlines(), trainer=trainer)
+    if core.get_vocab_size() > vocab:
+        raise RuntimeError(f"the demo tokenizer has {core.get_vocab_size()} tokens, more than {vocab}")
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    bos, eos, unk, pad = SPECIAL_TOKENS[1], SPECIAL_TOKENS[2], SPECIAL_TOKENS[0], SPECIAL_TOKENS[3]
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": unk,
+        "pad_token": pad,
+        "clean_up_tokenization_spaces": False,
+    }
+    return {"tokenizer.json": core.to_str(), "tokenizer_config.json": json.dumps(config, indent=2)}
+
+
+def eval_text(n_sentences: int = 120, seed: int = 0) -> str:
+    """The demo's perplexity text: :data:`DEMO_TEXT`'s sentences in a seeded random order."""
+    sentences = DEMO_TEXT.splitlines()
+    rng = random.Random(seed)
+    return "\n".join(rng.choice(sentences) for _ in range(n_sentences)) + "\n"
+
+
+def qa_items(n: int = 32, seed: int = 0) -> list[dict[str, object]]:
+    """Sums as prompt/answer items with four choices (for ``exact_match`` and ``loglikelihood``)."""
+    rng = random.Random(seed)
+    items: list[dict[str, object]] = []
+    seen: set[tuple[int, int]] = set()
+    while len(items) < n:
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
+        wrong = rng.sample([c for c in range(2, 41) if c != a + b], 3)
+        items.append(
+            {
+                "prompt": f"{a} + {b} =",
+                "answer": f" {a + b}",
+                "choices": [f" {c}" for c in sorted([a + b, *wrong])],
+            }
+        )
+    return items
+
+
+DATASET_CARD = f"""---
+license: cc0-1.0
+tags: [mergebot-demo]
+---
+
+# eval-text
+
+Evaluation data for the demo's evolutionary searches (`hf://datasets/{DEMO_DATASET}/eval.txt`):
+
+- `eval.txt`: English sentences about model merging, for `kind: perplexity`;
+- `qa.jsonl`: sums as `{{"prompt", "answer", "choices"}}` items, for `kind: exact_match` or `loglikelihood`.
+"""
+
+
+def build_demo_dataset(folder: str) -> str:
+    """Write the demo evaluation dataset (README.md, eval.txt, qa.jsonl) into ``folder``; returns it."""
+    os.makedirs(folder, exist_ok=True)
+    files = {
+        "README.md": DATASET_CARD,
+        "eval.txt": eval_text(),
+        "qa.jsonl": "".join(json.dumps(item) + "\n" for item in qa_items()),
+    }
+    for name, text in files.items():
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    return folder
+
+
 def build_demo_models(folder: str, *, layers: int = 4, vocab: int = 256, seed: int = 0) -> dict[str, str]:
     """Write the demo family under ``folder`` (once; reused if present) and return name -> path.
 
-    Each folder holds model.safetensors, config.json, generation_config.json and README.md.
+    Each folder holds model.safetensors, config.json, generation_config.json, the tokenizer
+    (tokenizer.json, tokenizer_config.json) and README.md.
     """
     from safetensors.torch import save_file
 
     paths = {m.name: os.path.join(folder, m.name) for m in DEMO_FAMILY}
-    if all(os.path.exists(os.path.join(p, "README.md")) for p in paths.values()):
+    if all(
+        os.path.exists(os.path.join(p, "README.md")) and os.path.exists(os.path.join(p, "tokenizer.json"))
+        for p in paths.values()
+    ):
         return paths
+    tokenizer = tokenizer_files(vocab)
     generator = torch.Generator().manual_seed(seed)
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for model in DEMO_FAMILY:
@@ -133,6 +255,9 @@ def build_demo_models(folder: str, *, layers: int = 4, vocab: int = 256, seed: i
             json.dump(_config(model.hidden, layers, vocab), f, indent=2)
         with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
             json.dump({"bos_token_id": 1, "eos_token_id": 2}, f)
+        for file, text in tokenizer.items():
+            with open(os.path.join(path, file), "w", encoding="utf-8") as f:
+                f.write(text)
         with open(os.path.join(path, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(model))
     return paths

@@ -21,6 +21,20 @@ data is a file in a Hub repo, written `hf://datasets/org/name/path.jsonl` (a dat
 
 Wire = Callable[[gr.Tabs, gr.State, gr.Textbox], None]
 
+# The tab's example is a quick try: a few trials (seconds on the demo's models) and one baseline.
+QUICK_TRY = {
+    "budget": "budget: {trials: 3}       # a quick try; a real search wants dozens of trials",
+    "baselines": "baselines: [linear]       # scored too, to compare the search with",
+}
+
+
+def tab_example(base: str, others: Sequence[str]) -> str:
+    """The Evolve tab's example: TIES over ``others`` and ``base``, scored on ``org/eval-text``'s
+    eval.txt in ``base``'s namespace (the demo hub's evaluation dataset), with a tiny budget."""
+    data = f"hf://datasets/{base.split('/')[0]}/eval-text/eval.txt"
+    lines = example_search(base, others, data).splitlines()
+    return "\n".join(QUICK_TRY.get(line.split(":", 1)[0], line) for line in lines) + "\n"
+
 
 def evolve_tab(service: SpaceService, base: str, others: Sequence[str]) -> Wire:
     """Lay the tab out inside the caller's ``gr.Tab``.
@@ -33,7 +47,7 @@ def evolve_tab(service: SpaceService, base: str, others: Sequence[str]) -> Wire:
     with gr.Row():
         with gr.Column(scale=3):
             search = gr.Code(
-                value=example_search(base, others, f"hf://datasets/{base.split('/')[0]}/eval-text/eval.txt"),
+                value=tab_example(base, others),
                 language="yaml",
                 label="Search file (the format of `mergebot evolve`)",
                 elem_id="mb-evolve-yaml",

@@ -1,95 +1,110 @@
 """The Space's Evolve tab at the service and view level: check a search file (what is searched, what is
 wrong), submit it to the bot's queue, and watch its trials in the queue view.
 
-The demo's models have no tokenizer, which a search needs to score merges: the test adds tiny Llama
-models with one, and an evaluation text, to the demo hub as the demo user.
+The demo's models carry a tokenizer and the demo hub has an evaluation dataset, so the tab's example
+(read from the page's own config) passes Check as it is and runs to a published model. The test adds
+one copy of the base without its tokenizer, to see the problems Check names.
 """
 
 from __future__ import annotations
 
-import random
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from huggingface_hub import HfApi
 from pydantic import SecretStr
-from tiny_models import _CORPUS_WORDS, Family
 
 from bot.credentials import UserCredential
 from mergebot.demo import DEMO_USER, DemoStack, demo_stack
-from space.compose import example_search
+from space.evolve_tab import tab_example
 from space.service import SearchCheck, SpaceService
 from space.views import queue_html, queue_rows, search_check_markdown
 
 pytestmark = [pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
-DATA = f"hf://datasets/{DEMO_USER}/eval-text/eval.txt"
+UNTOKENIZED = f"{DEMO_USER}/untokenized-base"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, llama_family: Family) -> Iterator[DemoStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStack]:
     data = tmp_path_factory.mktemp("space-evolve")
     with demo_stack(data, progress_interval_s=0.05) as s:
         api = HfApi(endpoint=s.hub_url, token=(data / "secrets" / "user-token").read_text().strip())
-        card = b"---\nlicense: apache-2.0\n---\n# tiny\n"
-        for name, folder in (
-            ("evo-base", llama_family.base),
-            *zip(("evo-a", "evo-b"), llama_family.finetunes[:2], strict=True),
-        ):
-            api.create_repo(f"{DEMO_USER}/{name}")
-            api.upload_folder(
-                repo_id=f"{DEMO_USER}/{name}", folder_path=str(folder), ignore_patterns=["README.md"]
-            )
-            api.upload_file(path_or_fileobj=card, path_in_repo="README.md", repo_id=f"{DEMO_USER}/{name}")
-        rng = random.Random(0)
-        api.create_repo(f"{DEMO_USER}/eval-text", repo_type="dataset")
-        api.upload_file(
-            path_or_fileobj=" ".join(rng.choice(_CORPUS_WORDS) for _ in range(600)).encode(),
-            path_in_repo="eval.txt",
-            repo_id=f"{DEMO_USER}/eval-text",
-            repo_type="dataset",
+        api.create_repo(UNTOKENIZED)
+        api.upload_folder(
+            repo_id=UNTOKENIZED,
+            folder_path=str(data / "models" / "tiny-base"),
+            ignore_patterns=["tokenizer*"],
         )
         yield s
 
 
-def search(**more: str) -> str:
-    text = example_search(f"{DEMO_USER}/evo-base", [f"{DEMO_USER}/evo-a", f"{DEMO_USER}/evo-b"], DATA)
-    text = text.replace("budget: {trials: 4}", "budget: {trials: 2}").replace("[linear, ties]", "[linear]")
-    text = text.replace("search_size: 8", "search_size: 3").replace("report_size: 8", "report_size: 3")
-    for old, new in more.items():
-        text = text.replace(old, new)
-    return text
+@pytest.fixture(scope="module")
+def example(stack: DemoStack) -> str:
+    """The search file the Evolve tab shows, as the page serves it."""
+    config = httpx.get(f"{stack.url}config", timeout=30).json()
+    (text,) = [
+        c["props"]["value"]
+        for c in config["components"]
+        if c.get("props", {}).get("elem_id") == "mb-evolve-yaml"
+    ]
+    assert text.strip() == tab_example(stack.models[0], stack.models[1:3]).strip()  # Code drops the last \n
+    return str(text)
 
 
-def test_check_lists_the_searched_parameters_or_every_problem(stack: DemoStack) -> None:
+def test_the_demo_hub_has_tokenized_models_and_evaluation_data(stack: DemoStack, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    api = HfApi(endpoint=stack.hub_url)
+    assert stack.dataset == "demo-lab/eval-text"
+    files = set(api.list_repo_files(stack.dataset, repo_type="dataset"))
+    assert {"README.md", "eval.txt", "qa.jsonl"} <= files
+    for repo in stack.models:
+        assert api.file_exists(repo, "tokenizer.json") and api.file_exists(repo, "tokenizer_config.json")
+    folder = api.snapshot_download(stack.models[0], allow_patterns=["*.json"], local_dir=tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = api.hf_hub_download(stack.models[0], "config.json", local_dir=tmp_path)
+    assert len(tokenizer) <= json.loads(Path(config).read_text())["vocab_size"]
+    ids = tokenizer("A merge of fine-tunes.")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id == 1 and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "A merge of fine-tunes."
+
+
+def test_check_lists_the_searched_parameters_or_every_problem(stack: DemoStack, example: str) -> None:
     service = SpaceService(stack.bot)
-    ok = service.check_search(search(), name="evolved-check")
+    ok = service.check_search(example, name="evolved-check")
     assert ok.ok, ok.problems
-    assert ok.destination == "mergebot/evolved-check" and ok.trials == 2 and ok.baselines == ("linear",)
-    assert ok.dimensions == ("weight evo-a", "weight evo-b", "density evo-a", "density evo-b")
-    shown = search_check_markdown(ok)
-    assert "Ready to search" in shown and "| 3 | density evo-a |" in shown and "perplexity on" in shown
-
-    demo = example_search(
-        stack.models[0], list(stack.models[1:3]), "hf://datasets/demo-lab/eval-text/eval.txt"
+    assert ok.destination == "mergebot/evolved-check" and ok.trials == 3 and ok.baselines == ("linear",)
+    assert ok.dimensions == (
+        "weight tiny-math",
+        "weight tiny-code",
+        "density tiny-math",
+        "density tiny-code",
     )
-    refused = service.check_search(demo, name="demo-evolve")
+    shown = search_check_markdown(ok)
+    assert "Ready to search" in shown and "| 3 | density tiny-math |" in shown and "perplexity on" in shown
+
+    broken = example.replace(f"base_model: {stack.models[0]}", f"base_model: {UNTOKENIZED}")
+    broken = broken.replace("eval-text/eval.txt", "eval-text/missing.txt")
+    refused = service.check_search(broken, name="demo-evolve")
     assert not refused.ok and refused.dimensions  # still shows what would be searched
-    assert any("has no tokenizer" in p or "does not exist" in p for p in refused.problems)
-    bad = service.check_search(search(**{"min: 0.2": "min: 2"}), name="bad name!")
+    assert any("has no tokenizer" in p and "evaluation data cannot be read" in p for p in refused.problems)
+    bad = service.check_search(example.replace("min: 0.2", "min: 2"), name="bad name!")
     assert not bad.ok and "not a valid repo name" in bad.problems[0] and "density" in bad.problems[1]
     assert "cannot be submitted" in search_check_markdown(bad)
     assert "cannot be submitted" in search_check_markdown(SearchCheck(problems=("x",)))
 
 
-def test_submit_runs_in_the_queue_with_trial_progress_and_lands_in_the_users_namespace(
-    stack: DemoStack, tmp_path: Path
+def test_the_example_runs_in_the_queue_with_trial_progress_and_lands_in_the_users_namespace(
+    stack: DemoStack, example: str, tmp_path: Path
 ) -> None:
     service = SpaceService(stack.bot)
     token = (Path(stack.bot.settings.data_dir).parent / "secrets" / "user-token").read_text().strip()
     job = service.submit_search(
-        search(), name="evolved", signed_in=UserCredential(DEMO_USER, SecretStr(token))
+        example, name="evolved", signed_in=UserCredential(DEMO_USER, SecretStr(token))
     )
     assert job.spec.kind == "evolve" and job.spec.destination == f"{DEMO_USER}/evolved"
     notes: set[str] = set()
@@ -107,3 +122,5 @@ def test_submit_runs_in_the_queue_with_trial_progress_and_lands_in_the_users_nam
     assert api.model_info(f"{DEMO_USER}/evolved").author == DEMO_USER
     readme = Path(api.hf_hub_download(f"{DEMO_USER}/evolved", "README.md", local_dir=tmp_path)).read_text()
     assert "## Search history" in readme and token not in readme
+    assert "3 search trials and 1 baseline" in readme and "demo-lab/eval-text@" in readme
+    assert "weight tiny-math" in readme and "base_model:" in readme
