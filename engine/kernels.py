@@ -282,6 +282,84 @@ if HAVE_NUMBA:
             row[j] = d
             totals[j] += _vote(d, count)
 
+    # DELLA's MagPrune: per row, the entries' magnitude ranks (a stable LSD radix sort of the
+    # float32 patterns of |d|, which order like the values; ties stay in position order, as
+    # torch's stable argsort leaves them), then a keep draw against the rank's probability.
+
+    @njit(nogil=True, cache=True)
+    def _della_mask(
+        model: Any, base: Any, start: int, end: int, m: int, draws: Any, table: Any, row: Any, keep: Any
+    ) -> None:
+        length = end - start
+        for j in range(length):
+            row[j] = load(model, start + j) - load(base, start + j)
+        keys = np.empty(m, np.uint32)
+        spare_keys = np.empty(m, np.uint32)
+        order = np.empty(m, np.int32)
+        spare_order = np.empty(m, np.int32)
+        counts = np.empty((4, 256), np.int64)
+        digit = np.uint32(255)
+        nan_key = np.uint32(0x7F800001)  # every NaN ranks above inf, NaNs by position
+        for first in range(0, length, m):
+            counts[:] = 0
+            for j in range(m):
+                bits = _bits_from_float(row[first + j]) & np.uint32(0x7FFFFFFF)
+                key = np.uint32(min(bits, nan_key))
+                keys[j] = key
+                order[j] = j
+                counts[0, key & digit] += 1
+                counts[1, (key >> np.uint32(8)) & digit] += 1
+                counts[2, (key >> np.uint32(16)) & digit] += 1
+                counts[3, key >> np.uint32(24)] += 1
+            src_keys, dst_keys, src_order, dst_order = keys, spare_keys, order, spare_order
+            for p in range(4):
+                shift = np.uint32(8 * p)
+                c = counts[p]
+                if c[(src_keys[0] >> shift) & digit] == m:  # one digit for the whole row: no reorder
+                    continue
+                total = 0
+                for b in range(256):
+                    size = c[b]
+                    c[b] = total
+                    total += size
+                for j in range(m):
+                    key = src_keys[j]
+                    b = (key >> shift) & digit
+                    at = c[b]
+                    c[b] = at + 1
+                    dst_keys[at] = key
+                    dst_order[at] = src_order[j]
+                src_keys, dst_keys = dst_keys, src_keys
+                src_order, dst_order = dst_order, src_order
+            for rank in range(m):
+                j = first + src_order[rank]
+                keep[j] = draws[j] < table[rank]
+
+    @njit(nogil=True, cache=True)
+    def _della_sums(row: Any, keep: Any) -> Any:
+        # (sum |d|, sum |d| over the kept entries), in float64
+        total = 0.0
+        kept = 0.0
+        for j in range(row.shape[0]):
+            a = abs(row[j])
+            total += a
+            if keep[j]:
+                kept += a
+        return total, kept
+
+    @njit(nogil=True, cache=True)
+    def _row_della(
+        row: Any, keep: Any, scale: Any, rescaled: bool, weight: Any, totals: Any, count: bool
+    ) -> None:
+        zero = np.float32(0.0)
+        for j in range(row.shape[0]):
+            d = row[j] * (np.float32(1.0) if keep[j] else zero)
+            if rescaled:
+                d = d * scale
+            d = d * weight
+            row[j] = d
+            totals[j] += _vote(d, count)
+
     @njit(nogil=True, cache=True)
     def _combine_rows(
         base: Any,
@@ -499,6 +577,46 @@ def kept_delta_row(
         )
     else:
         raise ValueError(f"unknown mask kind {kind!r} (or random without draws)")
+
+
+def della_mask(
+    model: np.ndarray[Any, Any],
+    base: np.ndarray[Any, Any],
+    start: int,
+    end: int,
+    *,
+    row_length: int,
+    draws: np.ndarray[Any, Any],
+    table: np.ndarray[Any, Any],
+    row: np.ndarray[Any, Any],
+    keep: np.ndarray[Any, Any],
+) -> None:
+    """DELLA's MagPrune over whole rows ``[start, end)``: ``row`` gets ``model - base``, ``keep`` the mask.
+
+    ``draws`` are the slice's uniform draws, ``table`` (float32) the keep probability of
+    each rank; a rank is the entry's place in its row by magnitude, ties by position.
+    """
+    _della_mask(model, base, start, end, row_length, draws, table, row, keep)
+
+
+def della_sums(row: np.ndarray[Any, Any], keep: np.ndarray[Any, Any]) -> tuple[float, float]:
+    """The L1 norms of a slice of a task vector and of what its mask keeps (float64 sums)."""
+    total, kept = _della_sums(row, keep)
+    return float(total), float(kept)
+
+
+def della_row(
+    row: np.ndarray[Any, Any],
+    keep: np.ndarray[Any, Any],
+    *,
+    scale: float,
+    weight: float,
+    totals: np.ndarray[Any, Any],
+    count: bool = False,
+) -> None:
+    """Mask, rescale and weigh a task vector's slice in ``row`` in place; add its vote to ``totals``."""
+    f32 = np.float32
+    _row_della(row, keep, f32(scale), f32(scale) != f32(1.0), f32(weight), totals, count)
 
 
 def combine_rows(

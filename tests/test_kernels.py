@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from engine import kernels
 from engine.methods import METHODS
 from engine.methods.base import MergeCall
-from engine.methods.sparsify import topk_cut
-from engine.methods.task_arithmetic import _kernel_cut, sparse_merge_by_slices
+from engine.methods.sparsify import DRAW_BLOCK, della_magprune, topk_cut, uniform_draws, uniform_draws_at
+from engine.methods.task_arithmetic import _kernel_cut, _merge_rows, sparse_merge_by_slices
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is part of the install; see pyproject")
 
@@ -101,6 +101,10 @@ def _call(
         ("task_arithmetic", {"lambda": 0.8}, {}),
         ("breadcrumbs_ties", {}, {"density": 0.5, "gamma": 0.05}),
         ("breadcrumbs", {"rescale": True}, {"density": 0.3, "gamma": 0.2}),
+        ("della", {}, {"density": 0.5, "epsilon": 0.15}),
+        ("della", {"rescale": False}, {"density": 0.4, "epsilon": -0.2}),
+        ("della_linear", {}, {"density": 0.6, "epsilon": 0.3}),
+        ("della_linear", {"lambda": 1.2}, {"density": 0.5, "epsilon": 0.0}),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -121,7 +125,9 @@ def test_fused_task_vector_merges_equal_the_torch_path(
     sparsifier = {"ties": "magnitude", "dare_ties": "random", "dare_linear": "random"}.get(method)
     if method.startswith("breadcrumbs"):
         sparsifier = "magnitude_outliers"
-    consensus = "sum" if method in ("ties", "dare_ties", "breadcrumbs_ties") else None
+    if method.startswith("della"):
+        sparsifier = "della_magprune"
+    consensus = "sum" if method in ("ties", "dare_ties", "breadcrumbs_ties", "della") else None
     fused = sparse_merge_by_slices(call, sparsifier, consensus)
     monkeypatch.setenv("MERGEBOT_KERNELS", "torch")
     reference = sparse_merge_by_slices(call, sparsifier, consensus)
@@ -152,3 +158,71 @@ def test_kernels_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MERGEBOT_KERNELS", "torch")
     assert not kernels.available()
     assert not kernels.fits([torch.zeros(4)], torch.float32)
+
+
+@pytest.mark.parametrize("start", [0, 1, 895, DRAW_BLOCK - 3, DRAW_BLOCK, 2 * DRAW_BLOCK + 17])
+@pytest.mark.parametrize("count", [0, 1, 1000, DRAW_BLOCK + 5])
+def test_draws_from_any_position_are_those_of_the_whole_tensor(start: int, count: int) -> None:
+    whole = uniform_draws(7, 0, start + count)
+    assert torch.equal(uniform_draws_at(7, start, count), whole[start:])
+    spare = torch.empty(DRAW_BLOCK)
+    assert torch.equal(uniform_draws_at(7, start, count, out=torch.empty(count), spare=spare), whole[start:])
+
+
+def _della_one_shot(call: MergeCall, consensus: str | None) -> torch.Tensor:
+    """The whole-tensor formula: ``della_magprune`` per model, then the vote and the merge."""
+    base = call.base.float()
+    rows, weights = [], []
+    for i in call.others():
+        params = call.input_params[i]
+        delta = della_magprune(
+            call.tensors[i].float() - base,
+            float(params["density"]),
+            float(params["epsilon"]),
+            bool(call.params["rescale"]),
+            call.seeds[i],
+        )
+        rows.append(delta.mul_(float(params["weight"])))
+        weights.append(float(params["weight"]))
+    totals = torch.stack(rows).sum(dim=0)
+    merged = _merge_rows(
+        rows, weights, base, totals, consensus, bool(call.params["normalize"]), float(call.params["lambda"])
+    )
+    return merged.to(call.out_dtype)
+
+
+@pytest.mark.parametrize(
+    "shape", [(37,), (300_001,), (70, 4352), (33, 17), (5, 1), (3, 200_000), (129, 2049)]
+)
+@pytest.mark.parametrize(
+    ("method", "rescale"), [("della", True), ("della_linear", False), ("della_linear", True)]
+)
+def test_streamed_della_is_the_whole_tensor_formula(
+    shape: tuple[int, ...], method: str, rescale: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows streamed in slices (kernels, then torch) give the one-shot MagPrune's bytes, ties included."""
+    generator = torch.Generator().manual_seed(len(shape) * 1000 + shape[-1])
+    base = torch.randn(shape, generator=generator)
+    steps = torch.randint(-3, 4, (3, *shape), generator=generator).float() * 0.01  # many equal magnitudes
+    tensors = [base.bfloat16()] + [(base + steps[m]).bfloat16() for m in range(3)]
+    call = _call(method, tensors, {"rescale": rescale}, {"density": 0.45, "epsilon": 0.2})
+    consensus = "sum" if method == "della" else None
+    expected = _della_one_shot(call, consensus)
+    fused = sparse_merge_by_slices(call, "della_magprune", consensus)
+    assert torch.equal(_raw(fused), _raw(expected))
+    monkeypatch.setenv("MERGEBOT_KERNELS", "torch")
+    assert torch.equal(_raw(sparse_merge_by_slices(call, "della_magprune", consensus)), _raw(expected))
+
+
+def test_della_streams_and_takes_stored_inputs_of_any_shape() -> None:
+    """della reads zero-copy views; a 3-D tensor (rows along dim 1, not contiguous) is widened whole."""
+    assert METHODS["della"].streams and METHODS["della_linear"].streams
+    generator = torch.Generator().manual_seed(3)
+    for shape in [(4, 6, 5), (40, 33)]:
+        base = torch.randn(shape, generator=generator)
+        tensors = [base.bfloat16()] + [
+            (base + torch.randn(shape, generator=generator) * 0.02).bfloat16() for _ in range(3)
+        ]
+        call = _call("della", tensors, {}, {"density": 0.5, "epsilon": 0.1})
+        expected = _della_one_shot(call, "sum")
+        assert torch.equal(_raw(METHODS["della"].merge(call).to(torch.bfloat16)), _raw(expected))

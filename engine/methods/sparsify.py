@@ -23,6 +23,8 @@ Differences from mergekit 0.1.5, on purpose:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from engine.methods.selection import kth_largest
@@ -108,6 +110,32 @@ def uniform_draws(seed: int, start: int, count: int, out: torch.Tensor | None = 
     return draws
 
 
+def uniform_draws_at(
+    seed: int, start: int, count: int, out: torch.Tensor | None = None, spare: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`uniform_draws` for any flat range ``[start, start + count)``, block boundary or not.
+
+    The block that holds ``start`` is drawn from its beginning (a generator cannot skip
+    ahead) and its head thrown away, so every position gets the same draw as
+    ``uniform_draws(seed, 0, n)`` gives it. ``spare`` (float32, at least ``DRAW_BLOCK``
+    elements) receives that head instead of a fresh tensor.
+    """
+    draws = out if out is not None else torch.empty(count, dtype=torch.float32)
+    lead = start % DRAW_BLOCK
+    done = 0
+    if lead and count:
+        block = start - lead
+        size = min(DRAW_BLOCK, start + count - block)
+        head = spare[:size] if spare is not None else torch.empty(size, dtype=torch.float32)
+        generator = torch.Generator(device="cpu").manual_seed(block_seed(seed, block))
+        torch.rand(size, generator=generator, dtype=torch.float32, out=head)
+        done = size - lead
+        draws[:done] = head[lead:]
+    if done < count:
+        uniform_draws(seed, start + done, count - done, out=draws[done:])
+    return draws
+
+
 def bernoulli(delta: torch.Tensor, density: float, rescale: bool, seed: int) -> torch.Tensor:
     """Keep each entry independently with probability ``density`` (DARE's random drop).
 
@@ -148,6 +176,40 @@ def check_della(density: float, epsilon: float) -> None:
             f"della needs density ± epsilon inside (0, 1), got density {density:g} and epsilon "
             f"{epsilon:g}; lower epsilon or move density away from 0 and 1"
         )
+
+
+@functools.lru_cache(maxsize=256)
+def della_table(
+    m: int, density: float, epsilon: float, dtype: torch.dtype, device: torch.device | None = None
+) -> torch.Tensor:
+    """MagPrune's keep probability of each rank in a row of ``m`` entries, in ``dtype``.
+
+    The same operations, in the same dtype and on the same device (a GPU divides by a
+    scalar through its reciprocal), as :func:`della_magprune` applies to its ranks, so
+    looking a rank up here gives that function's probability bit for bit. Read-only.
+    """
+    relative = (
+        torch.arange(m, device=device).to(dtype).div_(m - 1)
+        if m > 1
+        else torch.full((1,), 0.5, dtype=dtype, device=device)
+    )
+    return relative.mul_(2 * epsilon).add_(density - epsilon)
+
+
+def della_row_mask(rows: torch.Tensor, density: float, epsilon: float, seed: int, start: int) -> torch.Tensor:
+    """MagPrune's keep mask of whole rows ``[r, m]`` that begin at flat position ``start``.
+
+    Equal, entry for entry, to the mask :func:`della_magprune` draws for the same rows of
+    the whole tensor (contiguous rows: a 1-D tensor or rows along dim 1 of a 2-D one).
+    """
+    m = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)  # ties ranked by position
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(m, device=rows.device).expand_as(order))
+    del order
+    probs = della_table(m, density, epsilon, rows.dtype, rows.device)[ranks]
+    draws = uniform_draws_at(seed, start, rows.numel()).reshape(rows.shape)
+    return draws.to(rows.device) < probs
 
 
 def della_magprune(

@@ -22,6 +22,7 @@ which is closer to the exact result.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -36,9 +37,12 @@ from engine.methods.sparsify import (
     DRAW_BLOCK,
     check_della,
     della_magprune,
+    della_row_mask,
+    della_table,
     l1_scale,
     topk_cut,
     uniform_draws,
+    uniform_draws_at,
 )
 from engine.parallel import map_on_cores, scratch
 
@@ -113,14 +117,18 @@ class _Keep:
     k, nothing dropped; Breadcrumbs: a band below the largest outliers).
     ``random``: a Bernoulli(density) draw per entry, from a generator seeded per slice, so
     any slice's mask can be drawn again, in any order, on any thread.
+    ``della``: DELLA's MagPrune over rows of ``row`` entries (slices hold whole rows): a
+    draw per entry against a probability set by its magnitude rank in its row.
     """
 
-    kind: Literal["all", "magnitude", "random"]
+    kind: Literal["all", "magnitude", "random", "della"]
     scale: float = 1.0  # L1 rescale factor (1.0 when off)
     top: _Cut = EVERYTHING
     drop: _Cut = NOTHING
     density: float = 1.0
     seed: int = 0
+    epsilon: float = 0.0
+    row: int = 1
 
     def mask(self, d: torch.Tensor, start: int) -> torch.Tensor | None:
         """The keep mask of the slice of this task vector that begins at ``start`` (None: keep all)."""
@@ -132,6 +140,9 @@ class _Keep:
             return keep
         if self.kind == "random":
             return (uniform_draws(self.seed, start, d.numel()) < self.density).to(d.device)
+        if self.kind == "della":
+            rows = d.reshape(-1, self.row)
+            return della_row_mask(rows, self.density, self.epsilon, self.seed, start).reshape(-1)
         return None
 
 
@@ -186,10 +197,12 @@ def _plan_trim(delta: torch.Tensor, ranks: tuple[int, int] | None, rescale: bool
 
 
 def sparse_merge_by_slices(call: MergeCall, sparsifier: Sparsifier, consensus: Consensus) -> torch.Tensor:
-    """TIES and DARE in two passes: what each task vector keeps first, then everything else by slices.
+    """TIES, DARE and DELLA in two passes: what each task vector keeps first, then the rest by slices.
 
     The first pass settles, per model, the exact top-k cut (TIES) or the L1 norms under the
-    random mask (DARE); after it every step is elementwise, so the vote and the merge run
+    random mask (DARE; DELLA, whose slices hold whole rows, as its magnitude ranks are per
+    row, and whose masks are drawn again in the second pass rather than kept: memory stays
+    a few slices); after it every step is elementwise, so the vote and the merge run
     over cache-sized slices spread on the cores instead of a dozen full-size temporaries
     streaming through memory. Element by element the arithmetic is that of the one-shot
     formula; DARE's masks come from per-slice generators (the same seed gives the same
@@ -225,6 +238,39 @@ def _keeps_random(call: MergeCall, others: Sequence[int]) -> list[_Keep]:
     return keeps
 
 
+def _della_row_length(shape: torch.Size) -> int:
+    """The length of DELLA's rows (a 1-D tensor is one row; else along dim 1, 2-D only)."""
+    return max(1, int(shape[1]) if len(shape) >= 2 else math.prod(shape))
+
+
+def _keeps_della(call: MergeCall, others: Sequence[int]) -> list[_Keep]:
+    row = _della_row_length(call.base.shape)
+    keeps = []
+    for i in others:
+        params = call.input_params[i]
+        density = float(params.get("density", 1.0))
+        keeps.append(
+            _Keep("all")
+            if density >= 1
+            else _Keep(
+                "della", density=density, seed=call.seeds[i], epsilon=float(params["epsilon"]), row=row
+            )
+        )
+    return keeps
+
+
+def _spans(n: int, step: int, row: int | None) -> list[tuple[int, int]]:
+    """The slices ``[start, end)`` of a flat tensor of ``n`` elements, about ``step`` long.
+
+    With ``row`` (DELLA), slices hold whole rows: each begins at the first row that starts in
+    its block of ``step`` elements, so its random draws begin near a block boundary.
+    """
+    if row is None:
+        return [(start, min(start + step, n)) for start in range(0, n, step)]
+    cuts = sorted({min(n, -(-(k * step) // row) * row) for k in range(-(-n // step) + 1)})
+    return [(start, end) for start, end in itertools.pairwise(cuts) if start < end]
+
+
 def _sparse_merge_torch(call: MergeCall, sparsifier: Sparsifier, consensus: Consensus) -> torch.Tensor:
     compute = _compute_dtype(call)
     base = call.base
@@ -236,7 +282,8 @@ def _sparse_merge_torch(call: MergeCall, sparsifier: Sparsifier, consensus: Cons
     n = flat_base.numel()
     on_cpu = base.device.type == "cpu"
     step = SLICE if on_cpu else max(n, 1)  # a GPU takes the whole tensor at once
-    starts = range(0, n, step)
+    della = sparsifier == "della_magprune"
+    spans = _spans(n, step, _della_row_length(base.shape) if della and on_cpu else None)
     parallel = on_cpu and n > SLICE
 
     def density_of(i: int) -> float:
@@ -255,11 +302,11 @@ def _sparse_merge_torch(call: MergeCall, sparsifier: Sparsifier, consensus: Cons
             workers=len(others),
         )
     else:
-        keeps = _keeps_random(call, others)
-        if rescale and any(k.kind == "random" for k in keeps):
+        keeps = _keeps_della(call, others) if della else _keeps_random(call, others)
+        if rescale and any(k.kind in ("random", "della") for k in keeps):
 
-            def norms(start: int) -> list[tuple[float, float]]:
-                end = min(start + step, n)
+            def norms(span: tuple[int, int]) -> list[tuple[float, float]]:
+                start, end = span
                 b = flat_base[start:end].to(compute)
                 pairs = []
                 for flat, keep in zip(flats, keeps, strict=True):
@@ -274,12 +321,12 @@ def _sparse_merge_torch(call: MergeCall, sparsifier: Sparsifier, consensus: Cons
                     pairs.append((total, kept))
                 return pairs
 
-            per_slice = map_on_cores(norms, starts, parallel=parallel)
+            per_slice = map_on_cores(norms, spans, parallel=parallel)
             keeps = [
                 replace(
                     keep, scale=l1_scale(sum(p[m][0] for p in per_slice), sum(p[m][1] for p in per_slice))
                 )
-                if keep.kind == "random"
+                if keep.kind in ("random", "della")
                 else keep
                 for m, keep in enumerate(keeps)
             ]
@@ -288,8 +335,8 @@ def _sparse_merge_torch(call: MergeCall, sparsifier: Sparsifier, consensus: Cons
     lam = float(call.params["lambda"])
     out = torch.empty(n, dtype=call.out_dtype or compute, device=base.device)
 
-    def merge_slice(start: int) -> None:
-        end = min(start + step, n)
+    def merge_slice(span: tuple[int, int]) -> None:
+        start, end = span
         b = flat_base[start:end].to(compute)
         rows = []
         for flat, keep, weight in zip(flats, keeps, weights, strict=True):
@@ -305,7 +352,7 @@ def _sparse_merge_torch(call: MergeCall, sparsifier: Sparsifier, consensus: Cons
             totals.add_(d.sign() if consensus == "count" else d)
         out[start:end] = _merge_rows(rows, weights, b, totals, consensus, normalize, lam)
 
-    map_on_cores(merge_slice, starts, parallel=parallel)
+    map_on_cores(merge_slice, spans, parallel=parallel)
     return out.reshape(base.shape)
 
 
@@ -395,7 +442,25 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
     models = [kernels.as_array(call.tensors[i]) for i in others]
     weights = [float(call.input_params[i]["weight"]) for i in others]
     rescale = bool(call.params["rescale"])
-    starts = range(0, n, SLICE)
+    della = sparsifier == "della_magprune"
+    spans = _spans(n, SLICE, _della_row_length(base_tensor.shape) if della else None)
+
+    def della_slice(model: np.ndarray, keep: _Keep, start: int, end: int, row: np.ndarray) -> np.ndarray:
+        """``row`` gets the slice's task vector; returns its MagPrune keep mask (a scratch buffer)."""
+        length = end - start
+        draws = uniform_draws_at(
+            keep.seed,
+            start,
+            length,
+            out=torch.from_numpy(scratch("draws", length)),
+            spare=torch.from_numpy(scratch("draws_head", DRAW_BLOCK)),
+        ).numpy()
+        mask = scratch("keep", length, np.bool_)
+        table = della_table(keep.row, keep.density, keep.epsilon, torch.float32).numpy()
+        kernels.della_mask(
+            model, base, start, end, row_length=keep.row, draws=draws, table=table, row=row, keep=mask
+        )
+        return mask
 
     if sparsifier in MAGNITUDE:
         keeps = [
@@ -403,26 +468,29 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
             for i, model in zip(others, models, strict=True)
         ]
     else:
-        keeps = _keeps_random(call, others)
-        if rescale and any(k.kind == "random" for k in keeps):
+        keeps = _keeps_della(call, others) if della else _keeps_random(call, others)
+        if rescale and any(k.kind in ("random", "della") for k in keeps):
 
-            def norms(start: int) -> list[tuple[float, float]]:
-                end = min(start + SLICE, n)
+            def norms(span: tuple[int, int]) -> list[tuple[float, float]]:
+                start, end = span
                 pairs = []
                 for model, keep in zip(models, keeps, strict=True):
-                    if keep.kind == "random":
+                    if keep.kind == "della":
+                        row = scratch("della_row", end - start)
+                        pairs.append(kernels.della_sums(row, della_slice(model, keep, start, end, row)))
+                    elif keep.kind == "random":
                         draws = uniform_draws(keep.seed, start, end - start).numpy()
                         pairs.append(kernels.random_sums(model, base, start, end, draws, keep.density))
                     else:
                         pairs.append((0.0, 0.0))
                 return pairs
 
-            per_slice = map_on_cores(norms, starts)
+            per_slice = map_on_cores(norms, spans)
             keeps = [
                 replace(
                     keep, scale=l1_scale(sum(p[m][0] for p in per_slice), sum(p[m][1] for p in per_slice))
                 )
-                if keep.kind == "random"
+                if keep.kind in ("random", "della")
                 else keep
                 for m, keep in enumerate(keeps)
             ]
@@ -434,13 +502,19 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
     weight_sum = 1.0 if consensus is None and abs(total) < 1e-8 else total
     code = CONSENSUS_CODES[consensus]
 
-    def merge_slice(start: int) -> None:
-        end = min(start + SLICE, n)
+    def merge_slice(span: tuple[int, int]) -> None:
+        start, end = span
         length = end - start
         rows = scratch("rows", len(models) * length).reshape(len(models), length)
         totals = scratch("totals", length)
         totals[:] = 0.0
         for r, (model, keep, weight) in enumerate(zip(models, keeps, weights, strict=True)):
+            if keep.kind == "della":
+                mask = della_slice(model, keep, start, end, rows[r])
+                kernels.della_row(
+                    rows[r], mask, scale=keep.scale, weight=weight, totals=totals, count=consensus == "count"
+                )
+                continue
             kernels.kept_delta_row(
                 model,
                 base,
@@ -478,7 +552,7 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
             out=out,
         )
 
-    map_on_cores(merge_slice, starts, parallel=n > SLICE)
+    map_on_cores(merge_slice, spans, parallel=n > SLICE)
     return out_tensor.reshape(base_tensor.shape)
 
 
@@ -489,15 +563,21 @@ def generalized_task_arithmetic(
     others = call.others()
     if not others:
         return base
-    if sparsifier in ("magnitude", "magnitude_outliers", "random") or (
-        sparsifier is None and kernels.fits(call.tensors, call.out_dtype)
+    if sparsifier == "della_magprune":  # refuse before any work, whatever the tensor
+        for i in others:
+            check_della(float(call.input_params[i]["density"]), float(call.input_params[i]["epsilon"]))
+        if base.dim() > 2:  # rows along dim 1 are not contiguous: the one-shot formula, widened inputs
+            compute = _compute_dtype(call)
+            call = replace(call, tensors=[t.to(compute) for t in call.tensors])
+            base = call.base
+    if (
+        sparsifier in ("magnitude", "magnitude_outliers", "random")
+        or (sparsifier == "della_magprune" and base.dim() <= 2)
+        or (sparsifier is None and kernels.fits(call.tensors, call.out_dtype))
     ):
         return sparse_merge_by_slices(call, sparsifier, consensus)
     weights = [float(call.input_params[i]["weight"]) for i in others]
     rescale = bool(call.params["rescale"])
-    if sparsifier == "della_magprune":  # refuse before any work, whatever the tensor
-        for i in others:
-            check_della(float(call.input_params[i]["density"]), float(call.input_params[i]["epsilon"]))
 
     weighted = torch.empty((len(others), *base.shape), dtype=base.dtype, device=base.device)
     for row, (i, weight) in enumerate(zip(others, weights, strict=True)):
@@ -589,7 +669,7 @@ def _spec(
         needs_base=True,
         randomized=sparsifier in ("random", "della_magprune"),
         elementwise=sparsifier is None and consensus is None,
-        streams=sparsifier in ("magnitude", "magnitude_outliers", "random")
+        streams=sparsifier in ("magnitude", "magnitude_outliers", "random", "della_magprune")
         or (sparsifier is None and consensus is None),
     )
 
