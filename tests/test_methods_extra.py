@@ -294,6 +294,11 @@ def test_multislerp_with_base_and_degenerate_cases() -> None:
         run("multislerp", [a, -a, a, -a], per_model=[{"weight": 1.0}] * 4, dtype=F64)
     with pytest.raises(ValueError, match="sum to 0"):
         run("multislerp", [a, 2 * a], per_model=[{"weight": 1.0}, {"weight": -1.0}])
+    # three fine-tunes that left a tensor equal to the base (a norm weight, say): the base
+    untouched = run(
+        "multislerp", [base, base, base, base], base_index=0, per_model=[{}] + [{"weight": 1.0}] * 3
+    )
+    assert torch.equal(untouched, base)
 
 
 # --- Karcher ---------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ input dtype, often bf16, and the noise of the zero tangent sum enters its result
 
 When ``|M| < eps`` (e.g. antipodal models with equal weights) two models fall back to the
 linear mix ``w_0 x_0 + w_1 x_1`` (+ base); more models have no defined direction and are
-refused, as in mergekit. Difference: weights that sum to 0 cannot be normalized and are
+refused, as in mergekit, unless every model is zero (e.g. a norm weight a short fine-tune
+left equal to the base's): the merge is then zero (+ base). Difference: weights that sum to 0 cannot be normalized and are
 refused (mergekit divides by zero and writes NaN).
 """
 
@@ -42,7 +43,10 @@ def multislerp_tensors(
         direction.add_(x, alpha=weight / (norm + eps))  # sum_i w_i u_i
         del x
     length = float(torch.linalg.vector_norm(direction))
-    if length < eps:
+    if all(norm < eps for norm in norms):
+        # every model is (the base): zero mean norm, so the direction does not matter
+        out = torch.zeros_like(tensors[0])
+    elif length < eps:
         if len(tensors) != 2:
             raise ValueError(
                 "the weighted directions of the models cancel out (antipodal models with balancing "
