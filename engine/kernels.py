@@ -413,26 +413,38 @@ if HAVE_NUMBA:
                 store(out, start + j, m + load(base, start + j))
 
     @njit(nogil=True, cache=True)
+    def _gram(models: Any, start: int, end: int, values: Any) -> Any:
+        for m in range(len(models)):
+            x = models[m]
+            for i in range(start, end):
+                values[m, i - start] = load(x, i)
+        return _gram_of_rows(values)
+
+    @njit(nogil=True, cache=True)
     def _delta_gram(models: Any, base: Any, start: int, end: int, deltas: Any) -> Any:
         count = len(models)
-        gram = np.zeros((count, count), np.float64)
         for m in range(count):
             x = models[m]
             for i in range(start, end):
                 deltas[m, i - start] = load(x, i) - load(base, i)
-        length = end - start
+        return _gram_of_rows(deltas)
+
+    @njit(nogil=True, cache=True)
+    def _gram_of_rows(rows: Any) -> Any:
+        count, length = rows.shape
+        gram = np.zeros((count, count), np.float64)
         body = length - length % 4
         for a in range(count):
             for b in range(a, count):
                 # four interleaved partial sums: a fixed order, and four independent chains
                 s0 = s1 = s2 = s3 = 0.0
                 for j in range(0, body, 4):
-                    s0 += np.float64(deltas[a, j]) * np.float64(deltas[b, j])
-                    s1 += np.float64(deltas[a, j + 1]) * np.float64(deltas[b, j + 1])
-                    s2 += np.float64(deltas[a, j + 2]) * np.float64(deltas[b, j + 2])
-                    s3 += np.float64(deltas[a, j + 3]) * np.float64(deltas[b, j + 3])
+                    s0 += np.float64(rows[a, j]) * np.float64(rows[b, j])
+                    s1 += np.float64(rows[a, j + 1]) * np.float64(rows[b, j + 1])
+                    s2 += np.float64(rows[a, j + 2]) * np.float64(rows[b, j + 2])
+                    s3 += np.float64(rows[a, j + 3]) * np.float64(rows[b, j + 3])
                 for j in range(body, length):
-                    s0 += np.float64(deltas[a, j]) * np.float64(deltas[b, j])
+                    s0 += np.float64(rows[a, j]) * np.float64(rows[b, j])
                 gram[a, b] = gram[b, a] = (s0 + s1) + (s2 + s3)
         return gram
 
@@ -471,6 +483,12 @@ def delta_gram(
     """The Gram matrix of the task vectors ``model_i - base`` over ``[start, end)``, in float64."""
     deltas = scratch("gram", len(models) * (end - start)).reshape(len(models), end - start)
     return _delta_gram(models, base, start, end, deltas)
+
+
+def gram(models: tuple[np.ndarray[Any, Any], ...], start: int, end: int) -> np.ndarray[Any, Any]:
+    """The Gram matrix of the inputs themselves over ``[start, end)``, in float64."""
+    values = scratch("gram", len(models) * (end - start)).reshape(len(models), end - start)
+    return _gram(models, start, end, values)
 
 
 def scaled_delta_sum(

@@ -226,3 +226,36 @@ def test_della_streams_and_takes_stored_inputs_of_any_shape() -> None:
         call = _call("della", tensors, {}, {"density": 0.5, "epsilon": 0.1})
         expected = _della_one_shot(call, "sum")
         assert torch.equal(_raw(METHODS["della"].merge(call).to(torch.bfloat16)), _raw(expected))
+
+
+@pytest.mark.parametrize("method", ["slerp", "model_stock"])
+def test_norm_based_kernels_agree_with_torch_to_the_last_bf16_digit(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # their norms and dot products are summed in float64 by the kernels, in float32 by torch:
+    # the coefficients may differ in their last digits, the outputs by at most one bf16 step
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(600, 700, generator=generator)
+    tensors = [base.bfloat16()] + [
+        (base + torch.randn(base.shape, generator=generator) * 0.05).bfloat16() for _ in range(3)
+    ]
+    if method == "slerp":
+        tensors = tensors[:2]
+    spec = METHODS[method]
+    call = MergeCall(
+        tensors=tensors,
+        base_index=0,
+        params={"t": 0.3} if method == "slerp" else {"filter_wise": False},
+        input_params=[{} for _ in tensors],
+        seeds=[0] * len(tensors),
+        out_dtype=torch.bfloat16,
+    )
+    fused = spec.merge(call)
+    monkeypatch.setenv("MERGEBOT_KERNELS", "torch")
+    reference = spec.merge(MergeCall(**{**call.__dict__, "tensors": [t.float() for t in tensors]})).to(
+        torch.bfloat16
+    )
+    gap = (fused.float() - reference.float()).abs()
+    one_step = torch.maximum(fused.float().abs(), reference.float().abs()) * 2.0**-7  # >= one bf16 step
+    assert bool((gap <= one_step.clamp_min(1e-4)).all())  # (near-cancelling sums: absolute, inputs ~1)
+    assert float((gap == 0).float().mean()) > 0.99
