@@ -413,6 +413,18 @@ if HAVE_NUMBA:
                 store(out, start + j, m + load(base, start + j))
 
     @njit(nogil=True, cache=True)
+    def _fill_draws(key: Any, start: Any, out: Any) -> None:
+        # SplitMix64's finalizer of (key + gamma + position): the same integers as the torch code
+        base = key + np.uint64(0x9E3779B97F4A7C15) + start
+        scale = np.float32(2.0**-24)
+        for j in range(out.shape[0]):
+            z = base + np.uint64(j)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+            out[j] = np.float32(z >> np.uint64(40)) * scale
+
+    @njit(nogil=True, cache=True)
     def _gram(models: Any, start: int, end: int, values: Any) -> Any:
         for m in range(len(models)):
             x = models[m]
@@ -475,6 +487,11 @@ if HAVE_NUMBA:
                 acc[i - start] = _fma(load(x, i), w, acc[i - start])
         for i in range(start, end):
             store(out, i, acc[i - start])
+
+
+def fill_draws(key: int, start: int, out: np.ndarray[Any, Any]) -> None:
+    """``out[j]`` = the uniform draw of position ``start + j`` (see ``sparsify.uniform_draws``)."""
+    _fill_draws(np.uint64(key), np.uint64(start), out)
 
 
 def delta_gram(

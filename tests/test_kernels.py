@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from engine import kernels
 from engine.methods import METHODS
 from engine.methods.base import MergeCall
-from engine.methods.sparsify import DRAW_BLOCK, della_magprune, topk_cut, uniform_draws, uniform_draws_at
+from engine.methods.sparsify import DRAW_BLOCK, della_magprune, topk_cut, uniform_draws
 from engine.methods.task_arithmetic import _kernel_cut, _merge_rows, sparse_merge_by_slices
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is part of the install; see pyproject")
@@ -164,9 +164,26 @@ def test_kernels_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("count", [0, 1, 1000, DRAW_BLOCK + 5])
 def test_draws_from_any_position_are_those_of_the_whole_tensor(start: int, count: int) -> None:
     whole = uniform_draws(7, 0, start + count)
-    assert torch.equal(uniform_draws_at(7, start, count), whole[start:])
-    spare = torch.empty(DRAW_BLOCK)
-    assert torch.equal(uniform_draws_at(7, start, count, out=torch.empty(count), spare=spare), whole[start:])
+    assert torch.equal(uniform_draws(7, start, count), whole[start:])
+    assert torch.equal(uniform_draws(7, start, count, out=torch.empty(count)), whole[start:])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**62 + 7])
+def test_fused_draws_equal_the_torch_draws_and_look_uniform(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    starts = [0, 3, 2**31 - 5, 2**40 + 11]  # positions past 32 bits too
+    fused = [uniform_draws(seed, start, 50_000) for start in starts]
+    monkeypatch.setenv("MERGEBOT_KERNELS", "torch")
+    for start, draws in zip(starts, fused, strict=True):
+        assert torch.equal(draws, uniform_draws(seed, start, 50_000))
+    draws = torch.cat(fused)
+    assert float(draws.min()) >= 0.0 and float(draws.max()) < 1.0
+    counts = torch.histc(draws, bins=20, min=0.0, max=1.0)
+    expected = draws.numel() / 20
+    assert float(((counts - expected) ** 2 / expected).sum()) < 60  # chi-square, 19 dof: p ~ 1e-6
+    assert abs(float(torch.corrcoef(torch.stack([draws[:-1], draws[1:]]))[0, 1])) < 0.01
+    assert not torch.equal(uniform_draws(seed, 0, 1000), uniform_draws(seed + 1, 0, 1000))
 
 
 def _della_one_shot(call: MergeCall, consensus: str | None) -> torch.Tensor:

@@ -27,6 +27,7 @@ import functools
 
 import torch
 
+from engine import kernels
 from engine.methods.selection import kth_largest
 
 
@@ -83,57 +84,57 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tenso
     return rescale_l1(delta, kept) if rescale else kept
 
 
-DRAW_BLOCK = 1 << 18  # random draws come in blocks with their own seeds, so any block can be redrawn alone
+DRAW_BLOCK = 1 << 18  # the sliced passes cut tensors at multiples of this many elements
+
+# SplitMix64 (Steele, Lea, Flood 2014): its finalizer turns a counter into 64 well-mixed bits
+_KEY = 0xD1B54A32D192ED03  # spreads seeds apart
+_GAMMA = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+_U64 = (1 << 64) - 1
 
 
-def block_seed(seed: int, start: int) -> int:
-    """The seed of the block of draws that begins at flat position ``start``."""
-    return (seed * 0x9E3779B97F4A7C15 + start) % (1 << 63)
+def draw_key(seed: int) -> int:
+    """The 64-bit key of a seed's stream of draws."""
+    return (seed * _KEY) & _U64
 
 
 def uniform_draws(seed: int, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Uniform [0, 1) draws for flat positions [start, start + count), ``start`` a block boundary.
+    """Uniform [0, 1) draws (float32, 24 random bits) for flat positions [start, start + count).
 
-    Position p always gets the same draw for the same seed, whether the tensor is drawn
-    whole or slice by slice, in any order, on any thread. ``out`` (float32, ``count``
-    elements) receives them instead of a fresh tensor.
+    Counter-based: the draw at position p is a hash of (seed, p), so any range can be drawn
+    alone, in any order, on any thread or device, and gives the same numbers as the whole
+    tensor drawn at once. The fused CPU loop and the torch code compute the same integers.
+    ``out`` (float32, ``count`` elements) receives them instead of a fresh tensor.
     """
-    if start % DRAW_BLOCK:
-        raise ValueError(f"draws must start on a block boundary, not at {start}")
     draws = out if out is not None else torch.empty(count, dtype=torch.float32)
-    for block in range(start, start + count, DRAW_BLOCK):
-        generator = torch.Generator(device="cpu").manual_seed(block_seed(seed, block))
-        size = min(DRAW_BLOCK, start + count - block)
-        torch.rand(
-            size, generator=generator, dtype=torch.float32, out=draws[block - start : block - start + size]
-        )
+    if count == 0:
+        return draws
+    key = draw_key(seed)
+    if draws.device.type == "cpu" and kernels.supports(draws) and draws.dtype == torch.float32:
+        kernels.fill_draws(key, start, kernels.as_array(draws))
+    else:
+        draws.copy_(_draws_torch(key, start, count, draws.device))
     return draws
 
 
-def uniform_draws_at(
-    seed: int, start: int, count: int, out: torch.Tensor | None = None, spare: torch.Tensor | None = None
-) -> torch.Tensor:
-    """:func:`uniform_draws` for any flat range ``[start, start + count)``, block boundary or not.
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
 
-    The block that holds ``start`` is drawn from its beginning (a generator cannot skip
-    ahead) and its head thrown away, so every position gets the same draw as
-    ``uniform_draws(seed, 0, n)`` gives it. ``spare`` (float32, at least ``DRAW_BLOCK``
-    elements) receives that head instead of a fresh tensor.
-    """
-    draws = out if out is not None else torch.empty(count, dtype=torch.float32)
-    lead = start % DRAW_BLOCK
-    done = 0
-    if lead and count:
-        block = start - lead
-        size = min(DRAW_BLOCK, start + count - block)
-        head = spare[:size] if spare is not None else torch.empty(size, dtype=torch.float32)
-        generator = torch.Generator(device="cpu").manual_seed(block_seed(seed, block))
-        torch.rand(size, generator=generator, dtype=torch.float32, out=head)
-        done = size - lead
-        draws[:done] = head[lead:]
-    if done < count:
-        uniform_draws(seed, start + done, count - done, out=draws[done:])
-    return draws
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """A logical right shift of int64 lanes holding unsigned 64-bit values."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _draws_torch(key: int, start: int, count: int, device: torch.device) -> torch.Tensor:
+    # int64 arithmetic wraps around like uint64; only the right shifts need masking
+    z = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    z += _signed((key + _GAMMA) & _U64)
+    z = (z ^ _shift_right(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shift_right(z, 27)) * _signed(_MIX2)
+    z ^= _shift_right(z, 31)
+    return _shift_right(z, 40).to(torch.float32) * 2.0**-24
 
 
 def bernoulli(delta: torch.Tensor, density: float, rescale: bool, seed: int) -> torch.Tensor:
@@ -208,7 +209,7 @@ def della_row_mask(rows: torch.Tensor, density: float, epsilon: float, seed: int
     ranks.scatter_(1, order, torch.arange(m, device=rows.device).expand_as(order))
     del order
     probs = della_table(m, density, epsilon, rows.dtype, rows.device)[ranks]
-    draws = uniform_draws_at(seed, start, rows.numel()).reshape(rows.shape)
+    draws = uniform_draws(seed, start, rows.numel()).reshape(rows.shape)
     return draws.to(rows.device) < probs
 
 

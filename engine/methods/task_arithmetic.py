@@ -42,7 +42,6 @@ from engine.methods.sparsify import (
     l1_scale,
     topk_cut,
     uniform_draws,
-    uniform_draws_at,
 )
 from engine.parallel import map_on_cores, scratch
 
@@ -448,12 +447,8 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
     def della_slice(model: np.ndarray, keep: _Keep, start: int, end: int, row: np.ndarray) -> np.ndarray:
         """``row`` gets the slice's task vector; returns its MagPrune keep mask (a scratch buffer)."""
         length = end - start
-        draws = uniform_draws_at(
-            keep.seed,
-            start,
-            length,
-            out=torch.from_numpy(scratch("draws", length)),
-            spare=torch.from_numpy(scratch("draws_head", DRAW_BLOCK)),
+        draws = uniform_draws(
+            keep.seed, start, length, out=torch.from_numpy(scratch("draws", length))
         ).numpy()
         mask = scratch("keep", length, np.bool_)
         table = della_table(keep.row, keep.density, keep.epsilon, torch.float32).numpy()
