@@ -22,14 +22,14 @@ def linear(call: MergeCall) -> torch.Tensor:
             raise ValueError("the weights sum to 0, so they cannot be normalized; set normalize: false")
         weights = [w / total for w in weights]  # normalized first: one model at any weight is itself
     if kernels.fits(call.tensors, call.out_dtype):
-        return _linear_kernel(call.tensors, weights, call.out_dtype or torch.float32)
+        return fused_weighted_sum(call.tensors, weights, call.out_dtype or torch.float32)
     out = call.tensors[0] * weights[0]
     for tensor, weight in zip(call.tensors[1:], weights[1:], strict=True):
         out.add_(tensor, alpha=weight)
     return out
 
 
-def _linear_kernel(
+def fused_weighted_sum(
     tensors: Sequence[torch.Tensor], weights: list[float], out_dtype: torch.dtype
 ) -> torch.Tensor:
     """The weighted sum as one fused loop over slices of the (stored) inputs."""

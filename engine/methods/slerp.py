@@ -14,7 +14,7 @@ import torch
 
 from engine import kernels
 from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
-from engine.methods.linear import _linear_kernel
+from engine.methods.linear import fused_weighted_sum
 from engine.parallel import map_on_cores
 
 SLICE = 1 << 18
@@ -70,7 +70,7 @@ def _slerp_kernels(t: float, v0: torch.Tensor, v1: torch.Tensor, out_dtype: torc
     grams = map_on_cores(lambda s: kernels.gram(arrays, s, min(s + SLICE, n)), starts)
     gram = np.sum(grams, axis=0)
     coefficients = slerp_coefficients(t, math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1]), float(gram[0, 1]))
-    return _linear_kernel([v0, v1], list(coefficients), out_dtype)
+    return fused_weighted_sum([v0, v1], list(coefficients), out_dtype)
 
 
 SPEC = MethodSpec(
