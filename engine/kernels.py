@@ -219,6 +219,14 @@ if HAVE_NUMBA:
             return np.float32(0.0) if d == 0 else (one if d > 0 else -one)
         return d
 
+    @njit(nogil=True, cache=True, inline="always")
+    def _kept(d: Any, kept: bool, scale: Any, rescaled: bool, weight: Any) -> Any:
+        # the torch path's order: times the mask (1 or 0), the L1 scale where one applies, the weight
+        d = d * (np.float32(1.0) if kept else np.float32(0.0))
+        if rescaled:
+            d = d * scale
+        return d * weight
+
     @njit(nogil=True, cache=True)
     def _row_all(model: Any, base: Any, start: int, weight: Any, row: Any, totals: Any, count: bool) -> None:
         for j in range(row.shape[0]):
@@ -242,7 +250,6 @@ if HAVE_NUMBA:
         totals: Any,
         count: bool,
     ) -> None:
-        zero = np.float32(0.0)
         for j in range(row.shape[0]):
             i = start + j
             d = load(model, i) - load(base, i)
@@ -251,10 +258,7 @@ if HAVE_NUMBA:
             dropped = (a > drop_threshold) | (
                 (a == drop_threshold) & (i <= drop_last_tie)
             )  # ... not an outlier
-            d = d * (np.float32(1.0) if top & (dropped ^ True) else zero)
-            if rescaled:
-                d = d * scale
-            d = d * weight
+            d = _kept(d, top & (dropped ^ True), scale, rescaled, weight)
             row[j] = d
             totals[j] += _vote(d, count)
 
@@ -272,13 +276,9 @@ if HAVE_NUMBA:
         totals: Any,
         count: bool,
     ) -> None:
-        zero = np.float32(0.0)
         for j in range(row.shape[0]):
             d = load(model, start + j) - load(base, start + j)
-            d = d * (np.float32(1.0) if draws[j] < density else zero)
-            if rescaled:
-                d = d * scale
-            d = d * weight
+            d = _kept(d, draws[j] < density, scale, rescaled, weight)
             row[j] = d
             totals[j] += _vote(d, count)
 
@@ -351,12 +351,8 @@ if HAVE_NUMBA:
     def _row_della(
         row: Any, keep: Any, scale: Any, rescaled: bool, weight: Any, totals: Any, count: bool
     ) -> None:
-        zero = np.float32(0.0)
         for j in range(row.shape[0]):
-            d = row[j] * (np.float32(1.0) if keep[j] else zero)
-            if rescaled:
-                d = d * scale
-            d = d * weight
+            d = _kept(row[j], keep[j], scale, rescaled, weight)
             row[j] = d
             totals[j] += _vote(d, count)
 
