@@ -232,14 +232,9 @@ class SpaceService:
             engine.RecipeError, engine.MergeError, bot.errors.BotError: the merge is refused
             (the message says why); nothing was queued.
         """
-        user = signed_in.user if signed_in is not None else requester or GUEST
-        problem = _valid_name(name)
-        if problem:
-            raise DestinationError(problem)
+        user = self._submitter(name, requester, signed_in)
         if self.bot.store.active_count(user) >= self.bot.settings.max_jobs_per_user:
             raise QuotaError(user, self.bot.settings.max_jobs_per_user)
-        if signed_in is not None:
-            self._confirm(signed_in)
         destination = self.destination(name, signed_in.user if signed_in else None)
         owner_hub = self.bot.hub.as_user(signed_in.token.get_secret_value()) if signed_in else self.bot.hub
         if self.bot.store.active_for(destination) or owner_hub.repo_exists(destination):
@@ -325,21 +320,26 @@ class SpaceService:
         Raises:
             engine.MergeError, bot.errors.BotError: the search is refused; nothing was queued.
         """
-        problem = _valid_name(name)
-        if problem:
-            raise DestinationError(problem)
-        if signed_in is not None:
-            self._confirm(signed_in)
         job = self.bot.evolve(
             search_yaml,
             name=name,
-            user=signed_in.user if signed_in else requester or GUEST,
+            user=self._submitter(name, requester, signed_in),
             private=private,
             accept_license=accept_license,
             signed_in=signed_in,
         )
         log.info("evolve job %s queued from the Space: %s", job.id, job.spec.destination)
         return job
+
+    def _submitter(self, name: str, requester: str | None, signed_in: UserCredential | None) -> str:
+        """Who submits: the checks every submission passes first (name, then the sign-in's token)."""
+        problem = _valid_name(name)
+        if problem:
+            raise DestinationError(problem)
+        if signed_in is None:
+            return requester or GUEST
+        self._confirm(signed_in)
+        return signed_in.user
 
     # -- cancel and resume ----------------------------------------------------------------
 
