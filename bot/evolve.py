@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from bot.cards import SearchHistory, TrialRow, build_context, render_card
+from bot.cards import SearchHistory, TrialRow
 from bot.errors import JobInterrupted, PreflightError
 from bot.hub import Hub, RepoFacts
 from bot.jobs import Job
 from bot.licenses import LicenseVerdict
-from bot.worker import StatusComment, _walk_models, hub_repo, job_marker, preflight
+from bot.worker import StatusComment, _walk_models, commit_description, hub_repo, job_marker, preflight
 from engine import MergeError
 
 if TYPE_CHECKING:  # engine.evolve imports optuna and transformers: only when a search runs
@@ -438,23 +438,8 @@ def _publish(
         pub.add("search.yml", (spec.search_yaml or "").encode())
         if (out / PLOT_FILE).exists():
             pub.add(PLOT_FILE, out / PLOT_FILE)
-        context = build_context(
-            repo_id=spec.destination,
-            requester=spec.requester,
-            bot_name=worker.hub.whoami(),
-            hub_url=worker.hub.endpoint,
-            method=pre.config.merge_method,
-            recipe_yaml=pre.config.to_yaml(),
-            facts=pre.facts,
-            lineage=lineage,
-            verdict=pre.verdict,
-            job_id=job.id,
-            search=history,
-        )
-        pub.add("README.md", render_card(context).encode())
-        marker = job_marker(job.id)
-        parents = "\n".join(f"- {repo}@{f.sha}" for repo, f in pre.facts.items())
+        pub.add("README.md", worker.card(job, pre, lineage, history))
         return pub.commit(
-            f"Evolve {name} ({marker})",
-            f"Requested by @{spec.requester}; best of an evolutionary search.\n\nParents:\n{parents}\n\n{marker}",
+            f"Evolve {name} ({job_marker(job.id)})",
+            commit_description(job, pre, "; best of an evolutionary search"),
         )

@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
-from bot.cards import build_context, render_card
+from bot.cards import SearchHistory, build_context, render_card
 from bot.credentials import Credentials
 from bot.errors import BotError, HubError, JobCancelled, JobInterrupted, LicenseRefused, PreflightError
-from bot.hub import Hub, RepoFacts
+from bot.hub import Hub, Lineage, RepoFacts
 from bot.jobs import SIGN_IN_EXPIRED, Job, JobStore
 from bot.licenses import LicenseVerdict, ParentLicense, decide
 from bot.settings import Settings
@@ -137,6 +137,13 @@ def preflight(
     except MergeError as exc:
         raise PreflightError(str(exc)) from None
     return Preflight(pinned, facts, verdict, plan.bytes_to_read, plan.bytes_to_write)
+
+
+def commit_description(job: Job, pre: Preflight, what: str = "") -> str:
+    """A result commit's description: who asked, the pinned parents, the job's marker."""
+    parents = "\n".join(f"- {repo}@{f.sha}" for repo, f in pre.facts.items())
+    marker = job_marker(job.id)
+    return f"Requested by @{job.spec.requester}{what}.\n\nParents:\n{parents}\n\n{marker}"
 
 
 class StatusComment:
@@ -269,6 +276,23 @@ class Worker:
         if current is not None and current.cancel_requested:
             raise JobCancelled(job.id)
 
+    def card(self, job: Job, pre: Preflight, lineage: Lineage, search: SearchHistory | None = None) -> bytes:
+        """The model card of a job's result (a merge, or the best merge of a search)."""
+        context = build_context(
+            repo_id=job.spec.destination,
+            requester=job.spec.requester,
+            bot_name=self.hub.whoami(),
+            hub_url=self.hub.endpoint,
+            method=pre.config.merge_method,
+            recipe_yaml=pre.config.to_yaml(),
+            facts=pre.facts,
+            lineage=lineage,
+            verdict=pre.verdict,
+            job_id=job.id,
+            search=search,
+        )
+        return render_card(context).encode()
+
     def _run(self, job: Job, status: StatusComment, publisher: Hub) -> str:
         if self._stopping.is_set():
             raise JobInterrupted(job.id)
@@ -330,19 +354,6 @@ class Worker:
             for file in sorted(out.iterdir()):
                 if file.name not in staged and file.is_file():
                     pub.add(file.name, file)
-            context = build_context(
-                repo_id=spec.destination,
-                requester=spec.requester,
-                bot_name=self.hub.whoami(),
-                hub_url=self.hub.endpoint,
-                method=pre.config.merge_method,
-                recipe_yaml=pre.config.to_yaml(),
-                facts=pre.facts,
-                lineage=lineage,
-                verdict=pre.verdict,
-                job_id=job.id,
-            )
-            pub.add("README.md", render_card(context).encode())
-            parents = "\n".join(f"- {repo}@{f.sha}" for repo, f in pre.facts.items())
+            pub.add("README.md", self.card(job, pre, lineage))
             title = f"{'Re-merge' if spec.kind == 'remerge' else 'Merge'} {name} ({marker})"
-            return pub.commit(title, f"Requested by @{spec.requester}.\n\nParents:\n{parents}\n\n{marker}")
+            return pub.commit(title, commit_description(job, pre))
