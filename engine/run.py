@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from engine import kernels
+from engine import buffers, kernels
 from engine.config import MergeConfig
 from engine.errors import MergeError, OutputError, RecipeError
 from engine.methods.base import MergeCall
@@ -332,7 +332,7 @@ def combine_by_slices(plan: MergePlan, task: TensorTask, sources: Mapping[str, M
     """
     compute = torch.float64 if task.read_dtype == "F64" else torch.float32
     round_to = DTYPES[task.read_dtype][0] if task.read_dtype else None
-    out = torch.empty(task.shape, dtype=DTYPES[task.dtype][0])
+    out = buffers.empty(task.shape, DTYPES[task.dtype][0])
     flat_out = out.reshape(-1)
     total = flat_out.numel()
     with ExitStack() as stack:

@@ -6,7 +6,9 @@ is used, so `mergebot merge` never pays for importing the Hub server or the UI.
 
 from __future__ import annotations
 
+import gc
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -19,6 +21,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hub": ("localhub.cli", "run and administer localhub, a Hub-compatible server for offline use"),
     "evolve": ("engine.evolve.cli", "search merge coefficients with CMA-ES"),
 }
+
+
+ENGINE_COMMANDS = frozenset({"merge", "check"})
+
+
+def _prepare_process(command: str) -> None:
+    """Settings for a command-line process, made before numpy and torch load.
+
+    The garbage collector is off while the command's modules import (torch alone makes
+    hundreds of thousands of objects, and each full collection walks them all), and those
+    objects are then frozen out of later collections. A merge runs its own one worker per
+    core; OpenBLAS's idle helper threads would only spin on the same cores (the user's
+    ``OPENBLAS_NUM_THREADS`` wins).
+    """
+    gc.disable()
+    if command in ENGINE_COMMANDS:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+def _imported() -> None:
+    gc.freeze()
+    gc.enable()
 
 
 def _usage() -> str:
@@ -47,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mergebot: unknown command `{command}`.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, _ = COMMANDS[command]
-    module = importlib.import_module(module_name)
+    _prepare_process(command)
+    try:
+        module = importlib.import_module(module_name)
+    finally:
+        _imported()
     result: int = module.main([command, *rest]) if module_name == "engine.cli" else module.main(rest)
     return result

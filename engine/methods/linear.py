@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from engine import kernels
+from engine import buffers, kernels
 from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
 from engine.parallel import map_on_cores
 
@@ -35,7 +35,7 @@ def fused_weighted_sum(
     """The weighted sum as one fused loop over slices of the (stored) inputs."""
     shape = tensors[0].shape
     arrays = tuple(kernels.as_array(t) for t in tensors)
-    out_tensor = torch.empty(shape, dtype=out_dtype)
+    out_tensor = buffers.empty(shape, out_dtype)
     out = kernels.as_array(out_tensor)
     weight_array = np.array(weights, dtype=np.float32)
     n = out.shape[0]

@@ -30,7 +30,7 @@ import math
 import numpy as np
 import torch
 
-from engine import kernels
+from engine import buffers, kernels
 from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
 from engine.parallel import map_on_cores
 
@@ -97,7 +97,7 @@ def _model_stock_kernels(call: MergeCall, others: list[int]) -> torch.Tensor:
         for b in range(a + 1, len(models))
     }
     scale = float((_ratio(norms, dots) / len(models)).reshape(()))  # float32 t / n, as the torch path
-    out_tensor = torch.empty(call.base.shape, dtype=call.out_dtype or torch.float32)
+    out_tensor = buffers.empty(call.base.shape, call.out_dtype or torch.float32)
     out = kernels.as_array(out_tensor)
     map_on_cores(
         lambda s: kernels.scaled_delta_sum(models, base, s, min(s + SLICE, n), scale, out),

@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from engine import kernels
+from engine import buffers, kernels
 from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
 from engine.methods.sparsify import (
     DRAW_BLOCK,
@@ -490,7 +490,7 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
                 for m, keep in enumerate(keeps)
             ]
 
-    out_tensor = torch.empty(n, dtype=call.out_dtype or torch.float32)
+    out_tensor = buffers.empty((n,), call.out_dtype or torch.float32)
     out = kernels.as_array(out_tensor)
     weight_array = np.array(weights, dtype=np.float32)
     total = float(sum(weights))

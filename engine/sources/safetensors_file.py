@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from engine import buffers
 from engine.errors import SafetensorsFormatError
 
 # safetensors dtype code -> (torch dtype, bytes per element)
@@ -199,7 +200,8 @@ class SafetensorsFile:
             # write through it: the view is copied on the next line and dropped.
             warnings.simplefilter("ignore", UserWarning)
             view = torch.frombuffer(self._mapping(), dtype=stored, count=entry.numel, offset=entry.start)
-        out = view.to(target, copy=True).reshape(entry.shape)
+        out = buffers.empty(entry.shape, target)
+        out.reshape(-1).copy_(view)
         del view
         self.release(entry)
         return out
