@@ -99,15 +99,18 @@ def return_freed_memory_promptly() -> None:
 
     By default glibc raises its mmap threshold after the first large free, after which
     tensor-sized blocks come from heap arenas (one per thread) and stay resident after
-    being freed: a merge's RSS would settle at many times its working set. An application
-    setting; the library itself leaves the allocator alone.
+    being freed: a merge's RSS would settle at many times its working set. Smaller blocks
+    (histograms, slices' partial results) stay in the heap once freed, up to a bound: trimmed
+    at once, each was faulted in and zeroed again by the next slice. An application setting;
+    the library itself leaves the allocator alone.
     """
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3
+        m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, 1 << 20)
+        libc.mallopt(m_trim_threshold, 64 << 20)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 

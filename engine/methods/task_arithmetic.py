@@ -382,14 +382,12 @@ def _kernel_cut(model: np.ndarray, base: np.ndarray, n: int, k: int, sums: bool)
                 )
             )
         return (NOTHING, total, 0.0) if k <= 0 else (EVERYTHING, total, total)
-    high = np.sum(
-        map_on_cores(lambda s: kernels.magnitude_histograms(model, base, *bounds(s)), starts), axis=0
-    )
+    high = _summed(map_on_cores(lambda s: kernels.magnitude_histograms(model, base, *bounds(s)), starts))
     high_bin, above = _bin_of_kth(high, k)
     low_parts = map_on_cores(
         lambda s: kernels.magnitude_low_histogram(model, base, *bounds(s), high_bin), starts
     )
-    low = np.sum(low_parts, axis=0)
+    low = _summed(low_parts)
     low_bin, above_low = _bin_of_kth(low, k - above)
     above += above_low
     threshold = float(np.array([(high_bin << 16) | low_bin], dtype=np.uint32).view(np.float32)[0])
@@ -421,6 +419,14 @@ def _kernel_keep(
     top, total, top_sum = _kernel_cut(model, base, n, ranks[0], rescale)
     drop, _, drop_sum = _kernel_cut(model, base, n, ranks[1], rescale)
     return _Keep("magnitude", l1_scale(total, top_sum - drop_sum) if rescale else 1.0, top, drop)
+
+
+def _summed(parts: list[np.ndarray]) -> np.ndarray:
+    """The sum of the slices' histograms, added in place (``np.sum`` of a list stacks it first)."""
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 def _bin_of_kth(counts: np.ndarray, k: int) -> tuple[int, int]:
