@@ -452,41 +452,45 @@ if HAVE_NUMBA:
             out[j] = np.float32(z >> np.uint64(40)) * scale
 
     @njit(nogil=True, cache=True)
-    def _gram(models: Any, start: int, end: int, values: Any) -> Any:
-        for m in range(len(models)):
-            x = models[m][start:end]
-            for i in range(end - start):
-                values[m, i] = load(x, i)
-        return _gram_of_rows(values)
-
-    @njit(nogil=True, cache=True)
-    def _delta_gram(models: Any, base: Any, start: int, end: int, deltas: Any) -> Any:
+    def _block_gram(models: Any, base: Any, start: int, end: int, rows: Any, subtract: bool) -> Any:
+        # A block of rows (inputs, or inputs minus the base) at a time, small enough to stay in
+        # the L1/L2 cache while every pair's sums read it again.
         count = len(models)
-        base = base[start:end]
-        for m in range(count):
-            x = models[m][start:end]
-            for i in range(end - start):
-                deltas[m, i] = load(x, i) - load(base, i)
-        return _gram_of_rows(deltas)
-
-    @njit(nogil=True, cache=True)
-    def _gram_of_rows(rows: Any) -> Any:
-        count, length = rows.shape
         gram = np.zeros((count, count), np.float64)
-        body = length - length % 4
+        block = rows.shape[1]
+        for first in range(start, end, block):
+            last = min(first + block, end)
+            b = base[first:last]
+            for m in range(count):
+                x = models[m][first:last]
+                row = rows[m]
+                if subtract:
+                    for i in range(last - first):
+                        row[i] = load(x, i) - load(b, i)
+                else:
+                    for i in range(last - first):
+                        row[i] = load(x, i)
+            _add_products(rows, last - first, gram)
         for a in range(count):
-            for b in range(a, count):
-                # four interleaved partial sums: a fixed order, and four independent chains
-                s0 = s1 = s2 = s3 = 0.0
-                for j in range(0, body, 4):
-                    s0 += np.float64(rows[a, j]) * np.float64(rows[b, j])
-                    s1 += np.float64(rows[a, j + 1]) * np.float64(rows[b, j + 1])
-                    s2 += np.float64(rows[a, j + 2]) * np.float64(rows[b, j + 2])
-                    s3 += np.float64(rows[a, j + 3]) * np.float64(rows[b, j + 3])
-                for j in range(body, length):
-                    s0 += np.float64(rows[a, j]) * np.float64(rows[b, j])
-                gram[a, b] = gram[b, a] = (s0 + s1) + (s2 + s3)
+            for c in range(a):
+                gram[a, c] = gram[c, a]
         return gram
+
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})
+    def _add_products(rows: Any, length: int, gram: Any) -> None:
+        # Products of float32 values are exact in float64. Reassociation lets the compiler
+        # vectorize the sums (4x faster than four hand-interleaved chains, which it would not);
+        # the order is then fixed by the compiled loop: the same on every run of a machine, and
+        # another CPU's vector width moves only the last bits of a float64 sum.
+        count = rows.shape[0]
+        for a in range(count):
+            ra = rows[a]
+            for b in range(a, count):
+                rb = rows[b]
+                total = 0.0
+                for j in range(length):
+                    total += np.float64(ra[j]) * np.float64(rb[j])
+                gram[a, b] += total
 
     @njit(nogil=True, cache=True)
     def _scaled_delta_sum(
@@ -528,18 +532,21 @@ def fill_draws(key: int, start: int, out: np.ndarray[Any, Any]) -> None:
     _fill_draws(np.uint64(key), np.uint64(start), out)
 
 
+GRAM_BLOCK = 4096
+
+
 def delta_gram(
     models: tuple[np.ndarray[Any, Any], ...], base: np.ndarray[Any, Any], start: int, end: int
 ) -> np.ndarray[Any, Any]:
     """The Gram matrix of the task vectors ``model_i - base`` over ``[start, end)``, in float64."""
-    deltas = scratch("gram", len(models) * (end - start)).reshape(len(models), end - start)
-    return _delta_gram(models, base, start, end, deltas)
+    rows = scratch("gram", len(models) * GRAM_BLOCK).reshape(len(models), GRAM_BLOCK)
+    return _block_gram(models, base, start, end, rows, True)
 
 
 def gram(models: tuple[np.ndarray[Any, Any], ...], start: int, end: int) -> np.ndarray[Any, Any]:
     """The Gram matrix of the inputs themselves over ``[start, end)``, in float64."""
-    values = scratch("gram", len(models) * (end - start)).reshape(len(models), end - start)
-    return _gram(models, start, end, values)
+    rows = scratch("gram", len(models) * GRAM_BLOCK).reshape(len(models), GRAM_BLOCK)
+    return _block_gram(models, models[0], start, end, rows, False)
 
 
 def scaled_delta_sum(
