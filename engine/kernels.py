@@ -193,34 +193,35 @@ if HAVE_NUMBA:
                 total[b] += counts[c, b]
         return total
 
-    @njit(nogil=True, cache=True)
+    # The L1 sums below are float64 and reassociated, so the compiler vectorizes them (as in
+    # _add_products: a fixed order per machine; only a float64 sum's last bits can move).
+
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})
     def _magnitude_sums(model: Any, base: Any, start: int, end: int, threshold: Any, sums: bool) -> Any:
-        # (count == threshold, sum |d|, sum |d| over |d| > threshold), sums in float64, four
-        # interleaved partial sums (a fixed order: deterministic, and not one long dependency chain)
+        # (count == threshold, sum |d|, sum |d| over |d| > threshold)
         equal = 0
-        total = np.zeros(4, np.float64)
-        above = np.zeros(4, np.float64)
-        zero = np.float32(0.0)
+        total = 0.0
+        above = 0.0
         model, base = model[start:end], base[start:end]
         for i in range(end - start):
             a = abs(load(model, i) - load(base, i))
             equal += a == threshold
             if sums:
-                total[i & 3] += a
-                above[i & 3] += a if a > threshold else zero
-        return equal, total.sum(), above.sum()
+                wide = np.float64(a)
+                total += wide
+                above += wide if a > threshold else 0.0
+        return equal, total, above
 
-    @njit(nogil=True, cache=True)
-    def _random_sums(model: Any, base: Any, start: int, end: int, draws: Any, density: Any) -> Any:
-        # (sum |d|, sum |d| over the entries a Bernoulli(density) draw keeps), in float64
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})
+    def _random_sums(model: Any, base: Any, start: int, end: int, origin: Any, density: Any) -> Any:
+        # (sum |d|, sum |d| over the entries a Bernoulli(density) draw keeps)
         total = 0.0
         kept = 0.0
         model, base = model[start:end], base[start:end]
         for i in range(end - start):
-            a = abs(load(model, i) - load(base, i))
+            a = np.float64(abs(load(model, i) - load(base, i)))
             total += a
-            if draws[i] < density:
-                kept += a
+            kept += a if _draw(origin, i) < density else 0.0
         return total, kept
 
     @njit(nogil=True, cache=True)
@@ -295,7 +296,7 @@ if HAVE_NUMBA:
         model: Any,
         base: Any,
         start: int,
-        draws: Any,
+        origin: Any,
         density: Any,
         scale: Any,
         rescaled: bool,
@@ -307,7 +308,7 @@ if HAVE_NUMBA:
         model, base = model[start : start + row.shape[0]], base[start : start + row.shape[0]]
         for j in range(row.shape[0]):
             d = load(model, j) - load(base, j)
-            d = _kept(d, draws[j] < density, scale, rescaled, weight)
+            d = _kept(d, _draw(origin, j) < density, scale, rescaled, weight)
             row[j] = d
             totals[j] += _vote(d, count)
 
@@ -366,15 +367,20 @@ if HAVE_NUMBA:
                 keep[j] = draws[j] < table[rank]
 
     @njit(nogil=True, cache=True)
+    def _delta(model: Any, base: Any, start: int, row: Any) -> None:
+        model, base = model[start : start + row.shape[0]], base[start : start + row.shape[0]]
+        for j in range(row.shape[0]):
+            row[j] = load(model, j) - load(base, j)
+
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})
     def _della_sums(row: Any, keep: Any) -> Any:
-        # (sum |d|, sum |d| over the kept entries), in float64
+        # (sum |d|, sum |d| over the kept entries)
         total = 0.0
         kept = 0.0
         for j in range(row.shape[0]):
-            a = abs(row[j])
+            a = np.float64(abs(row[j]))
             total += a
-            if keep[j]:
-                kept += a
+            kept += a if keep[j] else 0.0
         return total, kept
 
     @njit(nogil=True, cache=True)
@@ -439,17 +445,21 @@ if HAVE_NUMBA:
                     m = m * lam
                 store(out, j, m + load(base, j))
 
+    @njit(nogil=True, cache=True, inline="always")
+    def _draw(origin: Any, j: int) -> Any:
+        # SplitMix64's finalizer of (key + gamma + position), ``origin`` being key + gamma + the
+        # slice's start: the same integers as the torch code; computed where it is used, a draw
+        # costs no memory traffic
+        z = origin + np.uint64(j)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+        return np.float32(z >> np.uint64(40)) * np.float32(2.0**-24)
+
     @njit(nogil=True, cache=True)
-    def _fill_draws(key: Any, start: Any, out: Any) -> None:
-        # SplitMix64's finalizer of (key + gamma + position): the same integers as the torch code
-        base = key + np.uint64(0x9E3779B97F4A7C15) + start
-        scale = np.float32(2.0**-24)
+    def _fill_draws(origin: Any, out: Any) -> None:
         for j in range(out.shape[0]):
-            z = base + np.uint64(j)
-            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            z = z ^ (z >> np.uint64(31))
-            out[j] = np.float32(z >> np.uint64(40)) * scale
+            out[j] = _draw(origin, j)
 
     @njit(nogil=True, cache=True)
     def _block_gram(models: Any, base: Any, start: int, end: int, rows: Any, subtract: bool) -> Any:
@@ -527,9 +537,17 @@ if HAVE_NUMBA:
             store(out, i, acc[i])
 
 
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+
+
+def draw_origin(key: int, start: int) -> np.uint64:
+    """Where a slice's draws start in the hash's input: key + SplitMix64's gamma + ``start``."""
+    return np.uint64((key + GOLDEN_GAMMA + start) & 0xFFFFFFFFFFFFFFFF)
+
+
 def fill_draws(key: int, start: int, out: np.ndarray[Any, Any]) -> None:
     """``out[j]`` = the uniform draw of position ``start + j`` (see ``sparsify.uniform_draws``)."""
-    _fill_draws(np.uint64(key), np.uint64(start), out)
+    _fill_draws(draw_origin(key, start), out)
 
 
 GRAM_BLOCK = 4096
@@ -592,10 +610,14 @@ def random_sums(
     base: np.ndarray[Any, Any],
     start: int,
     end: int,
-    draws: np.ndarray[Any, Any],
+    key: int,
     density: float,
 ) -> tuple[float, float]:
-    total, kept = _random_sums(model, base, start, end, draws, np.float32(density))
+    """The L1 norms of a slice of ``model - base`` and of what a Bernoulli(density) draw keeps.
+
+    ``key`` is the draws' key (``sparsify.draw_key``); the draws are computed in the loop.
+    """
+    total, kept = _random_sums(model, base, start, end, draw_origin(key, start), np.float32(density))
     return float(total), float(kept)
 
 
@@ -615,7 +637,7 @@ def kept_delta_row(
     last_tie: int = -1,
     drop_threshold: float = float("inf"),
     drop_last_tie: int = -1,
-    draws: np.ndarray[Any, Any] | None = None,
+    key: int | None = None,
     density: float = 1.0,
     scale: float = 1.0,
     weight: float,
@@ -649,12 +671,13 @@ def kept_delta_row(
             totals,
             count,
         )
-    elif kind == "random" and draws is not None:
+    elif kind == "random" and key is not None:
+        origin = draw_origin(key, start)
         _row_random(
-            model, base, start, draws, f32(density), f32(scale), rescaled, f32(weight), row, totals, count
+            model, base, start, origin, f32(density), f32(scale), rescaled, f32(weight), row, totals, count
         )
     else:
-        raise ValueError(f"unknown mask kind {kind!r} (or random without draws)")
+        raise ValueError(f"unknown mask kind {kind!r} (or random without a key)")
 
 
 def della_mask(
@@ -675,6 +698,13 @@ def della_mask(
     each rank; a rank is the entry's place in its row by magnitude, ties by position.
     """
     _della_mask(model, base, start, end, row_length, draws, table, row, keep)
+
+
+def delta(
+    model: np.ndarray[Any, Any], base: np.ndarray[Any, Any], start: int, row: np.ndarray[Any, Any]
+) -> None:
+    """``row`` = ``model - base`` over ``[start, start + len(row))``, in float32."""
+    _delta(model, base, start, row)
 
 
 def della_sums(row: np.ndarray[Any, Any], keep: np.ndarray[Any, Any]) -> tuple[float, float]:

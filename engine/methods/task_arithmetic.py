@@ -39,6 +39,7 @@ from engine.methods.sparsify import (
     della_magprune,
     della_row_mask,
     della_table,
+    draw_key,
     l1_scale,
     topk_cut,
     uniform_draws,
@@ -463,6 +464,7 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
         )
         return mask
 
+    masks: list[np.ndarray | None] = [None] * len(models)  # DELLA's kept masks, bit-packed
     if sparsifier in MAGNITUDE:
         keeps = [
             _kernel_keep(model, base, n, _ranks(call, i, sparsifier, n), rescale)
@@ -471,17 +473,24 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
     else:
         keeps = _keeps_della(call, others) if della else _keeps_random(call, others)
         if rescale and any(k.kind in ("random", "della") for k in keeps):
+            # DELLA would rank every row twice, for the norms and for the merge: the first
+            # pass's masks are kept instead, a bit per entry (where slices start on a byte)
+            if all(start % 8 == 0 for start, _ in spans):
+                masks = [np.empty(-(-n // 8), np.uint8) if k.kind == "della" else None for k in keeps]
 
             def norms(span: tuple[int, int]) -> list[tuple[float, float]]:
                 start, end = span
                 pairs = []
-                for model, keep in zip(models, keeps, strict=True):
+                for model, keep, bits in zip(models, keeps, masks, strict=True):
                     if keep.kind == "della":
                         row = scratch("della_row", end - start)
-                        pairs.append(kernels.della_sums(row, della_slice(model, keep, start, end, row)))
+                        mask = della_slice(model, keep, start, end, row)
+                        pairs.append(kernels.della_sums(row, mask))
+                        if bits is not None:
+                            bits[start // 8 : -(-end // 8)] = np.packbits(mask)
                     elif keep.kind == "random":
-                        draws = uniform_draws(keep.seed, start, end - start).numpy()
-                        pairs.append(kernels.random_sums(model, base, start, end, draws, keep.density))
+                        key = draw_key(keep.seed)
+                        pairs.append(kernels.random_sums(model, base, start, end, key, keep.density))
                     else:
                         pairs.append((0.0, 0.0))
                 return pairs
@@ -509,9 +518,13 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
         rows = scratch("rows", len(models) * length).reshape(len(models), length)
         totals = scratch("totals", length)
         totals[:] = 0.0
-        for r, (model, keep, weight) in enumerate(zip(models, keeps, weights, strict=True)):
+        for r, (model, keep, weight, bits) in enumerate(zip(models, keeps, weights, masks, strict=True)):
             if keep.kind == "della":
-                mask = della_slice(model, keep, start, end, rows[r])
+                if bits is None:
+                    mask = della_slice(model, keep, start, end, rows[r])
+                else:
+                    kernels.delta(model, base, start, rows[r])
+                    mask = np.unpackbits(bits[start // 8 : -(-end // 8)], count=length).view(np.bool_)
                 kernels.della_row(
                     rows[r], mask, scale=keep.scale, weight=weight, totals=totals, count=consensus == "count"
                 )
@@ -525,13 +538,7 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
                 last_tie=keep.top.last_tie,
                 drop_threshold=keep.drop.threshold,
                 drop_last_tie=keep.drop.last_tie,
-                draws=(
-                    uniform_draws(
-                        keep.seed, start, length, out=torch.from_numpy(scratch("draws", length))
-                    ).numpy()
-                    if keep.kind == "random"
-                    else None
-                ),
+                key=draw_key(keep.seed) if keep.kind == "random" else None,
                 density=keep.density,
                 scale=keep.scale,
                 weight=weight,
