@@ -318,7 +318,7 @@ if HAVE_NUMBA:
 
     @njit(nogil=True, cache=True)
     def _della_mask(
-        model: Any, base: Any, start: int, end: int, m: int, draws: Any, table: Any, row: Any, keep: Any
+        model: Any, base: Any, start: int, end: int, m: int, origin: Any, table: Any, row: Any, keep: Any
     ) -> None:
         length = end - start
         model, base = model[start:end], base[start:end]
@@ -364,7 +364,7 @@ if HAVE_NUMBA:
                 src_order, dst_order = dst_order, src_order
             for rank in range(m):
                 j = first + src_order[rank]
-                keep[j] = draws[j] < table[rank]
+                keep[j] = _draw(origin, j) < table[rank]
 
     @njit(nogil=True, cache=True)
     def _delta(model: Any, base: Any, start: int, row: Any) -> None:
@@ -687,17 +687,17 @@ def della_mask(
     end: int,
     *,
     row_length: int,
-    draws: np.ndarray[Any, Any],
+    key: int,
     table: np.ndarray[Any, Any],
     row: np.ndarray[Any, Any],
     keep: np.ndarray[Any, Any],
 ) -> None:
     """DELLA's MagPrune over whole rows ``[start, end)``: ``row`` gets ``model - base``, ``keep`` the mask.
 
-    ``draws`` are the slice's uniform draws, ``table`` (float32) the keep probability of
-    each rank; a rank is the entry's place in its row by magnitude, ties by position.
+    ``key`` is the draws' key (``sparsify.draw_key``), ``table`` (float32) the keep probability
+    of each rank; a rank is the entry's place in its row by magnitude, ties by position.
     """
-    _della_mask(model, base, start, end, row_length, draws, table, row, keep)
+    _della_mask(model, base, start, end, row_length, draw_origin(key, start), table, row, keep)
 
 
 def delta(

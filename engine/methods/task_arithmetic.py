@@ -453,14 +453,11 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
 
     def della_slice(model: np.ndarray, keep: _Keep, start: int, end: int, row: np.ndarray) -> np.ndarray:
         """``row`` gets the slice's task vector; returns its MagPrune keep mask (a scratch buffer)."""
-        length = end - start
-        draws = uniform_draws(
-            keep.seed, start, length, out=torch.from_numpy(scratch("draws", length))
-        ).numpy()
-        mask = scratch("keep", length, np.bool_)
+        mask = scratch("keep", end - start, np.bool_)
         table = della_table(keep.row, keep.density, keep.epsilon, torch.float32).numpy()
+        key = draw_key(keep.seed)
         kernels.della_mask(
-            model, base, start, end, row_length=keep.row, draws=draws, table=table, row=row, keep=mask
+            model, base, start, end, row_length=keep.row, key=key, table=table, row=row, keep=mask
         )
         return mask
 
