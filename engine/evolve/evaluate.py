@@ -93,7 +93,15 @@ class FileEvaluator:
                 return _perplexity(model, data, self.batch_size)
             if self.kind == "loglikelihood":
                 return _loglikelihood_accuracy(model, data, self.batch_size, self.pad_token_id)
-            return _exact_match(model, data, self.max_new_tokens, self.eos_token_id, self.decode)
+            return _exact_match(
+                model,
+                data,
+                self.max_new_tokens,
+                self.eos_token_id,
+                self.pad_token_id,
+                self.decode,
+                self.batch_size,
+            )
 
 
 def load_evaluator(evaluation: Evaluation, tokenizer: Tokenizer, *, seed: int) -> Evaluator:
@@ -258,23 +266,63 @@ def _loglikelihood_accuracy(model: Any, items: Sequence[Item], batch_size: int, 
 
 
 def _exact_match(
-    model: Any, items: Sequence[Item], max_new: int | None, eos: int | None, decode: Any
+    model: Any,
+    items: Sequence[Item],
+    max_new: int | None,
+    eos: int | None,
+    pad: int,
+    decode: Any,
+    batch_size: int,
 ) -> float:
-    device = _device(model)
     correct = 0
-    for item in items:
-        ids = torch.tensor([item.prompt], device=device)
-        generated: list[int] = []
-        past = None
-        for _ in range(max_new or len(item.answer)):
-            out = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            token = int(out.logits[0, -1].argmax())
-            if eos is not None and token == eos:
-                break
-            generated.append(token)
-            ids = torch.tensor([[token]], device=device)
-        text = decode(generated, skip_special_tokens=True)
-        prediction = text.strip().split("\n")[0].strip() if text.strip() else ""
-        correct += int(prediction == item.answer_text.strip())
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        limits = [max_new or len(item.answer) for item in batch]
+        for item, generated in zip(
+            batch, greedy_batch(model, [i.prompt for i in batch], limits, eos, pad), strict=True
+        ):
+            text = decode(generated, skip_special_tokens=True)
+            prediction = text.strip().split("\n")[0].strip() if text.strip() else ""
+            correct += int(prediction == item.answer_text.strip())
     return correct / len(items)
+
+
+def greedy_batch(
+    model: Any, prompts: Sequence[list[int]], limits: Sequence[int], eos: int | None, pad: int
+) -> list[list[int]]:
+    """Greedy continuations of several prompts at once: up to ``limits[i]`` tokens, stopping at ``eos``.
+
+    Why batched: one prompt at a time, a search trial's evaluation was dozens of tiny forward
+    passes per item. Prompts are padded on the left with an attention mask, and positions
+    count only real tokens, so each row sees what it would see alone.
+    """
+    device = _device(model)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    generated: list[list[int]] = [[] for _ in prompts]
+    done = [limit <= 0 for limit in limits]
+    past = None
+    while not all(done):
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
+        )
+        past = out.past_key_values
+        tokens = out.logits[:, -1].argmax(-1)
+        for row, token in enumerate(tokens.tolist()):
+            if done[row]:
+                continue
+            if eos is not None and token == eos:
+                done[row] = True
+                continue
+            generated[row].append(token)
+            done[row] = len(generated[row]) >= limits[row]
+        ids = tokens[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+    return generated

@@ -133,3 +133,22 @@ def test_bad_data_files_say_what_and_where(model_and_tokenizer: Any, tmp_path: P
     small.write_text("the cat sat on the mat", encoding="utf-8")
     with pytest.raises(EvaluationDataError, match="fewer than search_size \\+ report_size = 4"):
         load_evaluator(evaluation(small, "perplexity", 2, 2, block_size=8), tok, seed=0)
+
+
+def test_batched_greedy_decoding_gives_each_prompt_its_own_continuation(model_and_tokenizer: Any) -> None:
+    """Left padding, the mask and the positions leave every row as it would be alone; eos stops a row."""
+    from engine.evolve.evaluate import greedy_batch
+
+    model, tok = model_and_tokenizer
+    prompts = [
+        tok(text)["input_ids"] for text in ("the cat", "a dog ran to the big red", "merge", "blue slerp")
+    ]
+    limits = [5, 3, 6, 0]
+    alone = [greedy(model, prompt, limit) for prompt, limit in zip(prompts, limits, strict=True)]
+    with torch.inference_mode():
+        assert greedy_batch(model, prompts, limits, None, pad=0) == alone
+        stop = alone[0][2]  # a token the first row produces third: it ends that row there
+        stopped = greedy_batch(model, prompts, limits, stop, pad=0)
+    assert stopped[0] == alone[0][: alone[0].index(stop)]
+    for got, full in zip(stopped[1:], alone[1:], strict=True):
+        assert got == (full[: full.index(stop)] if stop in full else full)
