@@ -371,17 +371,12 @@ def _run(worker: Worker, job: Job, status: StatusComment, publisher: Hub, work: 
     resolved["evaluation"] = {**data["evaluation"], "data": str(data_file)}
     spec = validate_search(resolved)
     total = (spec.budget.trials or 0) + len(spec.baselines)
-    seen = {"done": 0}
-    best: list[float] = []
 
     def progress(event: TrialEvent) -> None:
-        seen["done"] += 1
-        if event.score is not None:
-            better = min if _minimizes(spec) else max
-            best[:] = [event.score if not best else better(best[0], event.score)]
+        # counts from the study: after a restart the search goes on from where it was
         what = f"baseline {event.baseline}" if event.baseline else "search"
-        note = f"trial {seen['done']}/{total} ({what}), best {_fmt(best[0] if best else None)}"
-        worker.store.set_progress(job.id, min(1.0, seen["done"] / max(1, total)), note)
+        note = f"trial {event.finished}/{total} ({what}), best {_fmt(event.best)}"
+        worker.store.set_progress(job.id, min(1.0, event.finished / max(1, total)), note)
         status.show(f"⚙️ Job `{job.id}` is searching: {note}.", force=False)
         worker.checkpoint(job)  # after the trial is recorded: a cancel or a stop loses nothing
 
@@ -405,10 +400,6 @@ def _run(worker: Worker, job: Job, status: StatusComment, publisher: Hub, work: 
     return _publish(
         worker, job, publisher, out, recipe_yaml, search_history(result, spec, str(data_ref), PLOT_FILE)
     )
-
-
-def _minimizes(spec: SearchSpec) -> bool:
-    return spec.evaluation.kind == "perplexity"
 
 
 def _publish(

@@ -117,7 +117,9 @@ def test_missing_and_private_repos_are_named(
 
 
 def test_an_unreachable_hub_is_a_clear_error(tmp_path: Path) -> None:
-    recipe = load_recipe("merge_method: linear\nmodels:\n  - model: alice/base\n    parameters: {weight: 1}\n")
+    recipe = load_recipe(
+        "merge_method: linear\nmodels:\n  - model: alice/base\n    parameters: {weight: 1}\n"
+    )
     options = MergeOptions(hub_endpoint="http://127.0.0.1:9", hub_token=TOKEN)  # nothing listens on port 9
     with pytest.raises(ModelNotFoundError, match="could not be reached") as info:
         run_merge(recipe, tmp_path / "out", options=options)

@@ -293,7 +293,10 @@ def test_sliced_dare_equals_the_whole_tensor_formula(consensus: str | None) -> N
     )
     got = ta.sparse_merge_by_slices(call_, "random", consensus)  # type: ignore[arg-type]
     rows = torch.stack(
-        [bernoulli(m - base, d, True, s) * w for m, w, d, s in zip(models, weights, densities, seeds, strict=True)]
+        [
+            bernoulli(m - base, d, True, s) * w
+            for m, w, d, s in zip(models, weights, densities, seeds, strict=True)
+        ]
     )
     if consensus is None:
         expected = rows.sum(0) + base

@@ -58,7 +58,11 @@ TrialOutcome = Literal["complete", "failed"]
 
 @dataclass(frozen=True)
 class TrialEvent:
-    """What one finished trial reports to a progress callback."""
+    """What one finished trial reports to a progress callback.
+
+    ``finished`` and ``best`` describe the whole study, so a search resumed after a restart
+    (or shared with other workers) reports "trial 12 of 40", not "trial 1".
+    """
 
     number: int
     state: TrialOutcome
@@ -66,6 +70,8 @@ class TrialEvent:
     baseline: str | None
     merge_seconds: float
     eval_seconds: float
+    finished: int = 0  # the study's finished trials (baselines included), this one among them
+    best: float | None = None  # the study's best score so far
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,20 @@ def counted_trials(study: optuna.Study, *, before: int | None = None) -> int:
     return n
 
 
+def finished_trials(study: optuna.Study) -> int:
+    """Trials that ran to an end (scored, or failed for a reason of their own), baselines included."""
+    return sum(
+        t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and INTERRUPTED not in t.user_attrs)
+        for t in study.get_trials(deepcopy=False)
+    )
+
+
+def _best_so_far(study: optuna.Study) -> float | None:
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return None
+    return float(study.best_value)
+
+
 def run_trials(
     session: Session,
     study: optuna.Study,
@@ -316,7 +336,14 @@ def run_trials(
         if progress:
             progress(
                 TrialEvent(
-                    trial.number, state, value if math.isfinite(value) else None, baseline, merge_s, eval_s
+                    trial.number,
+                    state,
+                    value if math.isfinite(value) else None,
+                    baseline,
+                    merge_s,
+                    eval_s,
+                    finished=finished_trials(study),
+                    best=_best_so_far(study),
                 )
             )
     return ran

@@ -124,6 +124,11 @@ def test_rerunning_continues_the_study_without_repeating_trials(
     second: list[TrialEvent] = []
     run_search(spec, str(out), budget=Budget(trials=5), progress=second.append)
     assert [(e.number, e.baseline) for e in second] == [(5, None), (6, None)]  # only the two new ones
+    assert [e.finished for e in first] == [1, 2, 3, 4, 5]
+    assert [e.finished for e in second] == [6, 7]  # counted over the study, not this run
+    scores = [e.score for e in first + second if e.score is not None]
+    best = min(scores) if spec.evaluation.kind == "perplexity" else max(scores)
+    assert second[-1].best == best
     after = trials_of(spec, out)
     assert len(after) == 7 and sum(BASELINE not in t.user_attrs for t in after) == 5
     for t in after:
