@@ -388,6 +388,7 @@ def _run(worker: Worker, job: Job, status: StatusComment, publisher: Hub, work: 
         storage=f"sqlite:///{(work / 'study.db').resolve()}",
         device=worker.settings.device,
         progress=progress,
+        checkpoint=lambda: worker.checkpoint(job),
     )
     assert result is not None
     worker.checkpoint(job)

@@ -381,8 +381,12 @@ def finish(
     *,
     storage_url: str,
     device: str = "cpu",
+    checkpoint: Callable[[], None] | None = None,
 ) -> SearchResult:
     """Write the best recipe, its merged model (run_merge) and the report; score the held-out split.
+
+    ``checkpoint`` is called between steps and after each tensor of the merge (it may raise to
+    stop: a cancelled job then writes nothing more).
 
     Raises:
         MergeError: no trial has completed, or the merge cannot be written.
@@ -400,13 +404,23 @@ def finish(
     with open(recipe_path, "w", encoding="utf-8") as f:
         f.write(best.recipe)
     config = load_recipe(recipe_path)
-    run_merge(config, os.path.join(out_dir, MODEL_DIR), options=MergeOptions(overwrite=True, device=device))
+    check = checkpoint or (lambda: None)
+    check()
+    run_merge(
+        config,
+        os.path.join(out_dir, MODEL_DIR),
+        options=MergeOptions(overwrite=True, device=device),
+        progress=lambda done, total, name: check(),
+    )
 
     held_out: dict[str, float] = {}
+    check()
     best_rescored, _, _ = session.score(config, "search")
+    check()
     held_out["best"] = session.score(config, "report")[0]
     for record in records:
         if record.baseline and record.baseline not in held_out:
+            check()
             held_out[record.baseline] = session.score(load_recipe(record.recipe, name="baseline"), "report")[
                 0
             ]
@@ -435,6 +449,7 @@ def run_search(
     device: str = "cpu",
     clock: Clock = time.monotonic,
     progress: Callable[[TrialEvent], None] | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> SearchResult | None:
     """Run (or continue) a search and, unless ``worker_only``, write its results to ``out_dir``.
 
@@ -442,6 +457,9 @@ def run_search(
         storage: an SQLAlchemy URL; default: the search file's ``storage``, else SQLite in ``out_dir``.
         budget: overrides the search file's budget.
         worker_only: run trials only (for extra workers sharing a study); returns None.
+        checkpoint: called once the models are loaded and between the final steps (see
+            :func:`finish`); it may raise to stop the search there (a cancel). Between trials,
+            ``progress`` is the place for that.
 
     Raises:
         MergeError: a subclass saying what to fix (models, data, storage, output).
@@ -450,8 +468,10 @@ def run_search(
     url = storage or spec.storage or default_storage(out_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     session = Session(spec, device=device)
+    if checkpoint:
+        checkpoint()
     study = open_study(spec, open_storage(url), session.evaluator.direction)
     run_trials(session, study, budget or spec.budget, clock=clock, progress=progress)
     if worker_only:
         return None
-    return finish(session, study, out_dir, storage_url=url, device=device)
+    return finish(session, study, out_dir, storage_url=url, device=device, checkpoint=checkpoint)

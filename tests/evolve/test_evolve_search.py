@@ -271,3 +271,28 @@ def test_a_trial_whose_recipe_cannot_merge_fails_and_the_search_goes_on(
     assert all("della needs density ± epsilon inside (0, 1)" in t.user_attrs["error"] for t in failed)
     assert result is not None and result.best.baseline in ("linear", "ties")  # the best may be a baseline
     assert load_recipe(tmp_path / "out" / "recipe.yml").merge_method == result.best.baseline
+
+
+def test_a_checkpoint_stops_the_final_merge_and_leaves_no_model(
+    llama_family: Family, write_search: Any, tmp_path: Path
+) -> None:
+    """A cancel after the trials (during the best recipe's merge) raises there; no half model is left."""
+    spec = load_search(write_search(llama_family, budget={"trials": 1}))
+    out = tmp_path / "out"
+    calls: list[int] = []
+
+    class Stop(Exception):
+        pass
+
+    def checkpoint() -> None:
+        calls.append(1)
+        if len(calls) == 4:  # loaded, before the merge, first tensor merged: the second tensor stops it
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_search(spec, str(out), checkpoint=checkpoint)
+    assert not (out / "model").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".model.partial")]
+    calls.clear()
+    result = run_search(spec, str(out))  # the study is complete: only the final steps run again
+    assert result is not None and (out / "model" / "config.json").exists()
