@@ -28,7 +28,6 @@ import logging
 import math
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,17 +154,13 @@ def _with_models(data: dict[str, Any], mapping: Callable[[str], str]) -> dict[st
 def check_search_file(text: str, *, max_trials: int) -> tuple[dict[str, Any], SearchSpec, DataRef]:
     """The search file against the engine's rules and the bot's conventions (no Hub access).
 
-    The engine loads models and data from disk, so its checks run on empty stand-ins for them.
-
     Returns:
-        The parsed file, the validated spec (over the stand-ins: for its searched dimensions),
-        and the data reference.
+        The parsed file, the validated spec (its models are the Hub ids), and the data reference.
 
     Raises:
         engine.evolve.SearchFileError: what is wrong with the file, with locations.
         PreflightError: a model is not a Hub id, or the data is not a file in a Hub repo.
     """
-    from engine.evolve.errors import SearchFileError, SearchProblem
     from engine.evolve.spec import validate_search
 
     data, lines = _load(text)
@@ -187,30 +182,7 @@ def check_search_file(text: str, *, max_trials: int) -> tuple[dict[str, Any], Se
     data_ref = parse_data_ref(evaluation.get("data") if isinstance(evaluation, dict) else None)
     for ref in model_refs(data):
         hub_repo(ref)
-    with tempfile.TemporaryDirectory(prefix="mergebot-search-") as tmp:
-        stand_ins: dict[str, str] = {}
-        for i, ref in enumerate(model_refs(data)):
-            folder = Path(tmp) / f"m{i}" / hub_repo(ref)[0].split("/")[-1]
-            folder.mkdir(parents=True)
-            stand_ins[ref] = str(folder)
-        data_file = Path(tmp) / "data" / Path(data_ref.path).name
-        data_file.parent.mkdir()
-        data_file.touch()
-        local = _with_models(data, lambda ref: stand_ins.get(ref, ref))
-        local["evaluation"] = {**evaluation, "data": str(data_file)}  # type: ignore[dict-item]
-        try:
-            spec = validate_search(local, lines=lines)
-        except SearchFileError as exc:
-            back = {**{v: k for k, v in stand_ins.items()}, str(data_file): str(data_ref)}
-
-            def restore(message: str) -> str:
-                for path, ref in back.items():
-                    message = message.replace(path, ref)
-                return message
-
-            raise SearchFileError(
-                [SearchProblem(p.location, restore(p.message)) for p in exc.problems]
-            ) from None
+    spec = validate_search(data, lines=lines, on_disk=False)  # nothing is downloaded yet
     return data, spec, data_ref
 
 

@@ -179,8 +179,12 @@ def validate_search(
     base_dir: str | None = None,
     lines: dict[tuple[Any, ...], int] | None = None,
     source: str | None = None,
+    on_disk: bool = True,
 ) -> SearchSpec:
     """Validate an already-parsed search file; see :func:`load_search`.
+
+    With ``on_disk`` false, the models and the data file are not looked for on this machine
+    (a service checks a file whose models are Hub repos before it downloads anything).
 
     Raises:
         SearchFileError: every problem found.
@@ -204,14 +208,14 @@ def validate_search(
             problems.extend(
                 p
                 for p in _semantic_problems(
-                    spec, check_recipe=all(sub[0] != "parameters" for sub in substituted)
+                    spec, check_recipe=all(sub[0] != "parameters" for sub in substituted), on_disk=on_disk
                 )
                 if not any(p[0][: len(sub)] == sub for sub in substituted)
             )
             spec = None
     else:
         spec = _resolve_paths(spec, base_dir)
-        problems.extend(_semantic_problems(spec))
+        problems.extend(_semantic_problems(spec, on_disk=on_disk))
     if problems:
         raise SearchFileError([_problem(loc, msg, lines) for loc, msg in problems], source=source)
     assert spec is not None
@@ -298,12 +302,14 @@ def default_bounds(param: ParamSpec) -> tuple[float | None, float | None]:
     return param.minimum, param.maximum
 
 
-def _semantic_problems(spec: SearchSpec, *, check_recipe: bool = True) -> list[tuple[tuple[Any, ...], str]]:
+def _semantic_problems(
+    spec: SearchSpec, *, check_recipe: bool = True, on_disk: bool = True
+) -> list[tuple[tuple[Any, ...], str]]:
     problems: list[tuple[tuple[Any, ...], str]] = []
     method = METHODS.get(spec.method)
     if method is None:
         return [(("method",), unknown_method_message(spec.method))]
-    if not os.path.isdir(spec.base_model):
+    if on_disk and not os.path.isdir(spec.base_model):
         problems.append(
             (
                 ("base_model",),
@@ -311,11 +317,11 @@ def _semantic_problems(spec: SearchSpec, *, check_recipe: bool = True) -> list[t
             )
         )
     for i, ref in enumerate(spec.models):
-        if not os.path.isdir(ref):
+        if on_disk and not os.path.isdir(ref):
             problems.append((("models", i), f"'{ref}' is not a model folder; download it first"))
     if len(set(spec.models)) != len(spec.models):
         problems.append((("models",), "the same model is listed twice"))
-    problems.extend(_evaluation_problems(spec.evaluation))
+    problems.extend(_evaluation_problems(spec.evaluation, on_disk=on_disk))
 
     names = [p.name for p in method.params]
     for pname, rng in spec.parameters.items():
@@ -364,13 +370,15 @@ def lm_eval_installed() -> bool:
         return False
 
 
-def _evaluation_problems(evaluation: Evaluation) -> list[tuple[tuple[Any, ...], str]]:
+def _evaluation_problems(
+    evaluation: Evaluation, *, on_disk: bool = True
+) -> list[tuple[tuple[Any, ...], str]]:
     problems: list[tuple[tuple[Any, ...], str]] = []
     data = evaluation.data
     if evaluation.kind != "lm_eval":
         if data is None:
             problems.append((("evaluation", "data"), "is required"))
-        elif not os.path.isfile(data):
+        elif on_disk and not os.path.isfile(data):
             problems.append((("evaluation", "data"), f"no file at {data}"))
         for key in LM_EVAL_ONLY:
             if getattr(evaluation, key) is not None:

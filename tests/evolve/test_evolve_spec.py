@@ -200,3 +200,30 @@ def test_a_malformed_range_does_not_hide_problems_elsewhere(llama_family: Family
     found = "\n".join(problems(path))
     assert "parameters.weight.layer_groups" in found and "greater than or equal to 1" in found
     assert "parameters.density.max" in found and "must be at most 1" in found
+
+
+def test_off_disk_validation_checks_everything_but_the_files() -> None:
+    """A service checks a file naming Hub repos before downloading them: only the paths are skipped."""
+    from engine.evolve.spec import validate_search
+
+    data: dict[str, Any] = {
+        "base_model": "org/base",
+        "models": ["org/a@main", "org/b"],
+        "method": "ties",
+        "parameters": {"weight": {"min": 0.0, "max": 1.0}, "density": {"min": 0.2, "max": 1.0}},
+        "evaluation": {
+            "kind": "perplexity",
+            "data": "hf://datasets/org/text/eval.txt",
+            "search_size": 2,
+            "report_size": 2,
+        },
+        "budget": {"trials": 4},
+    }
+    spec = validate_search(data, on_disk=False)
+    assert spec.models == ["org/a@main", "org/b"]
+    with pytest.raises(SearchFileError) as on_disk:
+        validate_search(data)
+    assert "is not a model folder" in str(on_disk.value) and "no file at" in str(on_disk.value)
+    bad = {**data, "parameters": {"weight": {"min": 1.0, "max": 0.0}, "density": {"min": 0.2, "max": 1.0}}}
+    with pytest.raises(SearchFileError, match=r"parameters\.weight"):
+        validate_search(bad, on_disk=False)
