@@ -226,13 +226,24 @@ if HAVE_NUMBA:
 
     @njit(nogil=True, cache=True)
     def _nth_equal(model: Any, base: Any, start: int, end: int, threshold: Any, nth: int) -> int:
-        seen = 0
+        # blocks of 256 counted without a branch (vectorized) until the one holding the nth tie
         model, base = model[start:end], base[start:end]
-        for i in range(end - start):
-            if abs(load(model, i) - load(base, i)) == threshold:
-                seen += 1
-                if seen == nth:
-                    return start + i
+        length = end - start
+        seen = 0
+        first = 0
+        while first < length:
+            last = min(first + 256, length)
+            count = 0
+            for i in range(first, last):
+                count += abs(load(model, i) - load(base, i)) == threshold
+            if seen + count >= nth:
+                for i in range(first, last):
+                    if abs(load(model, i) - load(base, i)) == threshold:
+                        seen += 1
+                        if seen == nth:
+                            return start + i
+            seen += count
+            first = last
         return -1
 
     # One model's slice of the task-vector merge: d = model - base, masked, rescaled, weighted,
