@@ -9,7 +9,9 @@ reused, it is already mapped and nothing is zeroed.
 A tensor from :func:`empty` gives its memory back by itself when the last reference to it
 goes (a finalizer on the numpy array under it), so callers need no release call and a
 tensor that is kept (an evolve trial's weights) is simply never reused. The pool keeps a
-few buffers per size and a bounded number of bytes, so a long-lived process holds little.
+few buffers per size and a bounded number of bytes, and lets go of all of them when a
+size it does not hold is asked for (a new shape: the first layer, or the output head at
+the end), so the buffers it keeps never add to a merge's peak memory.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class BufferPool:
             if free:
                 self._held -= nbytes
                 return free.pop()
+            self._free.clear()  # a new size: the kept ones go back to the system before it is mapped
+            self._held = 0
         return np.empty(nbytes, np.uint8)
 
     def give_back(self, buffer: np.ndarray[Any, Any]) -> None:

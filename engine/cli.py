@@ -110,7 +110,7 @@ def return_freed_memory_promptly() -> None:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
         libc.mallopt(m_mmap_threshold, 1 << 20)
-        libc.mallopt(m_trim_threshold, 64 << 20)
+        libc.mallopt(m_trim_threshold, 8 << 20)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 

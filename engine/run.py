@@ -197,6 +197,7 @@ def run_merge(
                 writer.finish()
             finally:
                 writer.abort()
+                buffers.POOL.clear()  # a long-lived process (the bot) keeps nothing between merges
             _write_side_files(config, plan, opened.sources, staging, options)
         _publish(staging, out, options.overwrite)
     except BaseException:
