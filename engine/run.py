@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -256,6 +257,7 @@ def _execute(
             writes.popleft().result()
 
 
+RELEASE_BYTES = 16 << 20  # tensors this large drop their inputs' pages as they are merged
 SLICE_ELEMENTS = 1 << 18  # 1 MiB of float32 per input: stays in cache while it is merged
 KERNEL_STORED = {"BF16", "F32"}
 
@@ -317,9 +319,20 @@ def merge_task(
 
 def combine_from_views(plan: MergePlan, task: TensorTask, sources: Mapping[str, ModelSource]) -> torch.Tensor:
     """Merge one tensor with a streaming method, its inputs zero-copy views of the files."""
+    large = math.prod(task.shape) * DTYPES[task.dtype][1] >= RELEASE_BYTES
+    parts = [
+        (drop, item.tensor)
+        for item in task.inputs
+        if large and (drop := getattr(sources[item.model], "release_part", None)) is not None
+    ]
+
+    def release(start: int, end: int) -> None:
+        for release_part, name in parts:
+            release_part(name, start, end)
+
     with ExitStack() as stack:
         views = [stack.enter_context(sources[i.model].view(i.tensor)) for i in task.inputs]  # type: ignore[attr-defined]
-        return combine(plan, task, views)
+        return combine(plan, task, views, release if parts else None)
 
 
 def combine_by_slices(plan: MergePlan, task: TensorTask, sources: Mapping[str, ModelSource]) -> torch.Tensor:
@@ -377,7 +390,9 @@ def read_inputs(
     return tensors
 
 
-def _call(task: TensorTask, tensors: list[torch.Tensor]) -> MergeCall:
+def _call(
+    task: TensorTask, tensors: list[torch.Tensor], release: Callable[[int, int], None] | None = None
+) -> MergeCall:
     """What a method sees for one tensor (or one slice of it): the inputs and resolved numbers."""
     return MergeCall(
         tensors=tensors,
@@ -387,10 +402,16 @@ def _call(task: TensorTask, tensors: list[torch.Tensor]) -> MergeCall:
         seeds=task.seeds,
         tensor_name=task.name,
         out_dtype=DTYPES[task.dtype][0],
+        release=release,
     )
 
 
-def combine(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor]) -> torch.Tensor:
+def combine(
+    plan: MergePlan,
+    task: TensorTask,
+    tensors: list[torch.Tensor],
+    release: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """Merge one tensor's inputs with the plan's method; the result is in the output dtype."""
     out_dtype = DTYPES[task.dtype][0]
     if not out_dtype.is_floating_point:
@@ -398,7 +419,7 @@ def combine(plan: MergePlan, task: TensorTask, tensors: list[torch.Tensor]) -> t
     if task.vocab_axis is not None and plan.vocab is not None:
         base = task.inputs[task.base_index].model if task.base_index is not None else None
         tensors = align_rows(plan.vocab, [item.model for item in task.inputs], tensors, base)
-    call = _call(task, tensors)
+    call = _call(task, tensors, release)
     try:
         merged = plan.method.merge(call)
     except ValueError as exc:

@@ -52,6 +52,33 @@ def test_a_read_tensor_is_independent_of_the_file(tmp_path: Path) -> None:
     assert x.tolist() == [2.0] * 4
 
 
+def _resident_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_a_viewed_tensor_drops_the_pages_it_is_done_with_and_still_reads_right(tmp_path: Path) -> None:
+    """release_part unmaps whole pages only; what is read again comes back from the file."""
+    big = torch.arange(8 << 20, dtype=torch.float32)  # 32 MiB
+    save_file({"small": torch.ones(3), "big": big}, str(tmp_path / "m.safetensors"))
+    file = SafetensorsFile(str(tmp_path / "m.safetensors"))
+    try:
+        with file.view("big") as view:
+            assert float(view.sum(dtype=torch.float64)) == float(
+                big.sum(dtype=torch.float64)
+            )  # all mapped in
+            mapped = _resident_kib()
+            file.release_part("big", 0, (8 << 20) - 1000)
+            assert _resident_kib() < mapped - 24 * 1024  # most of the 32 MiB went
+            file.release_part("big", 5, 6)  # inside one page: nothing to drop, no error
+            assert torch.equal(view, big)  # read again from the page cache
+        assert file.read("small").tolist() == [1.0, 1.0, 1.0]
+    finally:
+        file.close()
+
+
 @pytest.mark.parametrize(
     ("header", "data", "reason"),
     [

@@ -103,6 +103,10 @@ class MergeCall:
     seeds: Sequence[int]
     tensor_name: str = ""
     out_dtype: torch.dtype | None = None
+    # a streaming method calls it with a flat range [start, end) it will not read again, so
+    # the engine can drop those pages of the input files (a large tensor's inputs need not
+    # all stay in memory until its end); None where there is nothing to drop
+    release: Callable[[int, int], None] | None = None
 
     @property
     def base(self) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ def linear(call: MergeCall) -> torch.Tensor:
             raise ValueError("the weights sum to 0, so they cannot be normalized; set normalize: false")
         weights = [w / total for w in weights]  # normalized first: one model at any weight is itself
     if kernels.fits(call.tensors, call.out_dtype):
-        return fused_weighted_sum(call.tensors, weights, call.out_dtype or torch.float32)
+        return fused_weighted_sum(call.tensors, weights, call.out_dtype or torch.float32, call.release)
     out = call.tensors[0] * weights[0]
     for tensor, weight in zip(call.tensors[1:], weights[1:], strict=True):
         out.add_(tensor, alpha=weight)
@@ -30,9 +30,12 @@ def linear(call: MergeCall) -> torch.Tensor:
 
 
 def fused_weighted_sum(
-    tensors: Sequence[torch.Tensor], weights: list[float], out_dtype: torch.dtype
+    tensors: Sequence[torch.Tensor],
+    weights: list[float],
+    out_dtype: torch.dtype,
+    release: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """The weighted sum as one fused loop over slices of the (stored) inputs."""
+    """The weighted sum as one fused loop over slices of the (stored) inputs (``release``: see MergeCall)."""
     shape = tensors[0].shape
     arrays = tuple(kernels.as_array(t) for t in tensors)
     out_tensor = buffers.empty(shape, out_dtype)
@@ -41,7 +44,10 @@ def fused_weighted_sum(
     n = out.shape[0]
 
     def merge_slice(start: int) -> None:
-        kernels.weighted_sum(arrays, start, min(start + SLICE, n), weight_array, out)
+        end = min(start + SLICE, n)
+        kernels.weighted_sum(arrays, start, end, weight_array, out)
+        if release is not None:
+            release(start, end)
 
     map_on_cores(merge_slice, range(0, n, SLICE), parallel=n > SLICE)
     return out_tensor

@@ -99,11 +99,14 @@ def _model_stock_kernels(call: MergeCall, others: list[int]) -> torch.Tensor:
     scale = float((_ratio(norms, dots) / len(models)).reshape(()))  # float32 t / n, as the torch path
     out_tensor = buffers.empty(call.base.shape, call.out_dtype or torch.float32)
     out = kernels.as_array(out_tensor)
-    map_on_cores(
-        lambda s: kernels.scaled_delta_sum(models, base, s, min(s + SLICE, n), scale, out),
-        starts,
-        parallel=n > SLICE,
-    )
+
+    def merge_slice(start: int) -> None:
+        end = min(start + SLICE, n)
+        kernels.scaled_delta_sum(models, base, start, end, scale, out)
+        if call.release is not None:  # the inputs' last read: their pages may go
+            call.release(start, end)
+
+    map_on_cores(merge_slice, starts, parallel=n > SLICE)
     return out_tensor
 
 

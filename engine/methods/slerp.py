@@ -8,6 +8,7 @@ to linear interpolation; so do we. The coefficients apply to the raw, unnormaliz
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -52,12 +53,18 @@ def slerp(call: MergeCall) -> torch.Tensor:
     other = call.others()[0]
     v0, v1 = call.base, call.tensors[other]
     if kernels.fits([v0, v1], call.out_dtype) and v0.numel():
-        return _slerp_kernels(float(call.params["t"]), v0, v1, call.out_dtype or torch.float32)
+        return _slerp_kernels(float(call.params["t"]), v0, v1, call.out_dtype or torch.float32, call.release)
     compute = torch.float64 if v0.dtype == torch.float64 else torch.float32
     return slerp_tensors(float(call.params["t"]), v0.to(compute), v1.to(compute))
 
 
-def _slerp_kernels(t: float, v0: torch.Tensor, v1: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _slerp_kernels(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    out_dtype: torch.dtype,
+    release: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
     """Two passes over slices of the stored inputs: norms and dot product (float64), then the mix.
 
     The mix is the torch path's ``v0 * a + v1 * b`` (a fused multiply-add); the norms are
@@ -70,7 +77,7 @@ def _slerp_kernels(t: float, v0: torch.Tensor, v1: torch.Tensor, out_dtype: torc
     grams = map_on_cores(lambda s: kernels.gram(arrays, s, min(s + SLICE, n)), starts)
     gram = np.sum(grams, axis=0)
     coefficients = slerp_coefficients(t, math.sqrt(gram[0, 0]), math.sqrt(gram[1, 1]), float(gram[0, 1]))
-    return fused_weighted_sum([v0, v1], list(coefficients), out_dtype)
+    return fused_weighted_sum([v0, v1], list(coefficients), out_dtype, release)
 
 
 SPEC = MethodSpec(

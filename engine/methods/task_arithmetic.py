@@ -556,6 +556,8 @@ def _sparse_merge_kernels(call: MergeCall, sparsifier: Sparsifier, consensus: Co
             lam=float(call.params["lambda"]),
             out=out,
         )
+        if call.release is not None:  # the inputs' last read: their pages may go
+            call.release(start, end)
 
     map_on_cores(merge_slice, spans, parallel=n > SLICE)
     return out_tensor.reshape(base_tensor.shape)

@@ -128,6 +128,11 @@ class LocalModel:
         with self._where[name].view(name) as tensor:
             yield tensor
 
+    def release_part(self, name: str, first: int, last: int) -> None:
+        """Drop the mapped pages of elements ``[first, last)`` of a viewed tensor (see ``SafetensorsFile``)."""
+        if self._pickled is None:
+            self._where[name].release_part(name, first, last)
+
     def files(self) -> list[str]:
         out = []
         for root, dirs, names in os.walk(self.path):

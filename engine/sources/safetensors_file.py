@@ -235,6 +235,22 @@ class SafetensorsFile:
         start = (entry.start // _PAGE) * _PAGE
         self._map.madvise(mmap.MADV_DONTNEED, start, entry.end - start)
 
+    def release_part(self, name: str, first: int, last: int) -> None:
+        """Drop the pages that lie wholly inside elements ``[first, last)`` of a viewed tensor.
+
+        A merge that streams a tensor calls it for the parts it is done with, so a large
+        tensor's inputs do not all stay mapped in until its end. Pages are read-only maps of
+        the file: one dropped too early is only read again from the page cache.
+        """
+        entry = self.header.entries[name]
+        if self._map is None or last <= first:
+            return
+        size = DTYPES[entry.dtype][1]
+        start = -(-(entry.start + first * size) // _PAGE) * _PAGE
+        end = ((entry.start + last * size) // _PAGE) * _PAGE
+        if end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         if self._map is not None:
             self._map.close()
