@@ -10,8 +10,10 @@ CMA-ES over DARE-TIES weights and densities, scored on the search split). Column
 exact-match accuracy on held-out items (greedy, batched), the share of the expert's accuracy a
 merge keeps, and perplexity on a general English text bundled in ``_quality_data``.
 
-A negative control (experts fine-tuned from a random-init tiny Llama, whose task vectors are
-large and do not combine) gets its own small table.
+A negative control (experts trained on the same skills from a random-init tiny Llama with the
+same tokenizer: no pretrained solution for their task vectors to be small edits of) gets its own
+small table. Under each table: the size of the task vectors (expert - base) and the cosine
+between them, measured.
 
 Every merge goes through the engine (``engine.run.run_merge``; the search merges in memory with
 ``engine.evolve``). Everything is cached under ``--cache`` (models, merges, scores) keyed by the
@@ -21,9 +23,11 @@ Usage:
     .venv/bin/python benchmarks/merge_quality.py [--device cpu|cuda] [--quick] [--wheel PATH]
         [--skills add,reverse,date] [--steps 150] [--trials 40] [--evolve-minutes 4] ...
 
-The defaults are sized for a GPU (minutes). On a 2-core CPU the table in RESULTS.md took about
-an hour with ``--skills reverse,date --steps 48 --batch-size 16 --lr 1.5e-4 --report-items 60
---search-items 24 --trials 30 --evolve-minutes 12 --no-control``.
+The defaults are sized for a GPU (minutes). The table in RESULTS.md was made on a 2-core CPU
+with ``--threads 1 --skills add,reverse,date --steps 48 --batch-size 16 --lr 1.5e-4
+--report-items 60 --search-items 24 --trials 250 --evolve-minutes 12 --control-steps 3000``:
+from an empty cache roughly 45 minutes on one otherwise idle core (a SmolLM2 expert 3 min or
+more, the search about 11, scoring 17 s a model, a control expert 5 to 8 minutes).
 
 Needs the ``quality`` extra (gguf) and the ``evolve`` extra (optuna, cmaes).
 """
@@ -98,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batch", type=int, default=50)
     parser.add_argument("--trials", type=int, default=40, help="evolve: search trials (baselines extra)")
     parser.add_argument("--evolve-minutes", type=float, default=4.0, help="evolve: wall-time cap")
-    parser.add_argument("--control-steps", type=int, default=1500, help="negative control: steps per expert")
+    parser.add_argument("--control-steps", type=int, default=3000, help="negative control: steps per expert")
     parser.add_argument("--control-lr", type=float, default=2e-3)
     parser.add_argument("--no-control", action="store_true", help="skip the negative control")
     parser.add_argument("--no-evolve", action="store_true", help="skip the evolutionary search")
@@ -296,6 +300,63 @@ def describe_recipe(recipe: dict[str, Any], experts: list[Path]) -> str:
     return ", ".join(f"{k} {'/'.join(v)}" for k, v in values.items())
 
 
+def task_vector_stats(base: Path, experts: list[Path]) -> dict[str, Any]:
+    """How big the task vectors (expert - base, every weight tensor) are and how they point.
+
+    ``relative_norm``: ||expert - base|| / ||base|| per expert; ``cosine``: between each pair of
+    task vectors; ``embedding_share``: the part of each squared task-vector norm in the token
+    embedding (the control's 49k-row embedding is most of its weights).
+    """
+    from safetensors import safe_open
+
+    def tensors(folder: Path) -> Any:
+        files = sorted(folder.glob("*.safetensors"))
+        handles = [safe_open(str(f), framework="pt") for f in files]
+        return {key: h for h in handles for key in h.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+
+    base_t = tensors(base)
+    expert_t = [tensors(e) for e in experts]
+    keys = [k for k in base_t if all(k in t for t in expert_t)]
+    n = len(experts)
+    base_sq = 0.0
+    sq = [0.0] * n
+    emb = [0.0] * n
+    dot = [[0.0] * n for _ in range(n)]
+    for key in keys:
+        b = base_t[key].get_tensor(key).float()
+        base_sq += float(b.pow(2).sum())
+        deltas = [t[key].get_tensor(key).float() - b for t in expert_t]
+        for i in range(n):
+            part = float(deltas[i].pow(2).sum())
+            sq[i] += part
+            if "embed_tokens" in key:
+                emb[i] += part
+            for j in range(i + 1, n):
+                dot[i][j] += float((deltas[i] * deltas[j]).sum())
+    return {
+        "relative_norm": [(x / base_sq) ** 0.5 for x in sq],
+        "embedding_share": [e / x if x else 0.0 for e, x in zip(emb, sq, strict=True)],
+        "cosine": {
+            f"{i}-{j}": dot[i][j] / (sq[i] * sq[j]) ** 0.5 if sq[i] and sq[j] else 0.0
+            for i in range(n)
+            for j in range(i + 1, n)
+        },
+    }
+
+
+def vector_line(stats: dict[str, Any], skills: list[str]) -> str:
+    norms = "/".join(f"{x:.3f}" for x in stats["relative_norm"])
+    cos = ", ".join(
+        f"{skills[int(i)]}-{skills[int(j)]} {value:+.2f}"
+        for (i, j), value in ((k.split("-"), v) for k, v in stats["cosine"].items())
+    )
+    share = "/".join(f"{100 * x:.0f}%" for x in stats["embedding_share"])
+    return (
+        f"task vectors (expert - base, all weights; {'/'.join(skills)}): ||expert - base|| / ||base|| "
+        f"{norms}; cosine between them {cos}; share of the squared norm in the token embedding {share}"
+    )
+
+
 # ---- scoring ------------------------------------------------------------------------------------
 
 
@@ -407,6 +468,11 @@ def findings(
     return out
 
 
+def ppl_text(ppl: float) -> str:
+    """Two decimals, or powers of ten where a random-init model's perplexity runs to 20 digits."""
+    return f"{ppl:.2f}" if ppl < 1e5 else f"{ppl:.1e}"
+
+
 def table(rows: list[Row], scores: dict[str, dict[str, float]], skills: list[str]) -> str:
     expert_of = {r.name.removeprefix("expert "): r.name for r in rows if r.kind == "expert"}
     head = ["model", *(f"{s} acc" for s in skills), *(f"{s} kept" for s in skills), "mean acc", "ppl", "how"]
@@ -425,7 +491,7 @@ def table(rows: list[Row], scores: dict[str, dict[str, float]], skills: list[str
         mean = sum(s[k] for k in skills) / len(skills)
         name = f"**{row.name}**" if row.kind == "merge" else row.name
         lines.append(
-            "| " + " | ".join([name, *accs, *kept, f"{100 * mean:.1f}", f"{s['ppl']:.2f}", row.how]) + " |"
+            "| " + " | ".join([name, *accs, *kept, f"{100 * mean:.1f}", ppl_text(s["ppl"]), row.how]) + " |"
         )
     return "\n".join(lines)
 
@@ -475,9 +541,9 @@ def family(
             )
         )
     notes: list[str] = []
-    for name, (how, steps) in hand_set_recipes(base, experts, args.seed).items():
+    for name, (how, chain) in hand_set_recipes(base, experts, args.seed).items():
         try:
-            folder, seconds = merge_chain(name, steps, root / "merges", args.device)
+            folder, seconds = merge_chain(name, chain, root / "merges", args.device)
         except MergeError as exc:  # a method that refuses these models: say so under the table
             print(f"[{label}] {name} failed: {exc}", flush=True)
             notes.append(f"{name}: the engine refused the merge: {exc}")
@@ -533,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         with_evolve=not args.no_evolve,
     )
+    vectors = {"smollm2": task_vector_stats(base, [r.folder for r in rows if r.kind == "expert"])}
     control: tuple[list[Row], dict[str, dict[str, float]], list[str]] | None = None
     if not args.no_control:
         tiny = cache / "control" / "base"
@@ -549,8 +616,11 @@ def main(argv: list[str] | None = None) -> int:
             with_evolve=False,
         )
         control = (c_rows, c_scores, c_notes)
+        vectors["control"] = task_vector_stats(tiny, [r.folder for r in c_rows if r.kind == "expert"])
     minutes = (time.perf_counter() - t0) / 60
-    text = section(args, rows, scores, evolved, notes, control, started, minutes, argv, len(scorer.blocks))
+    text = section(
+        args, rows, scores, evolved, notes, control, started, minutes, argv, len(scorer.blocks), vectors
+    )
     print("\n" + text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -564,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
                     if control
                     else None,
                     "evolve": evolved,
+                    "task_vectors": vectors,
                     "minutes": minutes,
                     "device": device_name(args.device),
                     "section": text,
@@ -602,6 +673,7 @@ def section(
     minutes: float,
     argv: list[str] | None,
     n_blocks: int,
+    vectors: dict[str, dict[str, Any]],
 ) -> str:
     import transformers
 
@@ -644,7 +716,10 @@ def section(
         )
     lines += ["", table(rows, scores, args.skills), ""]
     lines += [f"- {line}" for line in findings(rows, scores, args.skills, args.report_items)]
-    lines += [f"- {note}" for note in notes] + ([""] if notes else [])
+    if "smollm2" in vectors:
+        lines.append("- " + vector_line(vectors["smollm2"], args.skills))
+    lines += [f"- {note}" for note in notes]
+    lines.append("")
     if not control:
         lines += [
             "- negative control (experts fine-tuned from a random-init tiny Llama): not in this run "
@@ -656,14 +731,21 @@ def section(
         lines += [
             "### Negative control: experts from a random-init tiny Llama",
             "",
-            f"Hidden 128, 4 layers, the same tokenizer; experts trained {args.control_steps} steps, lr "
-            f"{args.control_lr:g}. Task vectors from a random init are large and not aligned, so merges are "
-            "not expected to keep the skills.",
+            f"The base is a random-init Llama (hidden 128, intermediate 384, 4 layers, 4 heads, seed "
+            f"{args.seed}) with SmolLM2's tokenizer and 49k-token vocabulary (tied embedding); each expert is "
+            f"fully trained from it on one skill, {args.control_steps} steps of {args.batch_size} items, AdamW "
+            f"lr {args.control_lr:g}, otherwise as above, and merged with the same hand-set recipes (no "
+            "search). There is no pretrained solution for these task vectors to be small edits of, so the "
+            "literature expects no merge to keep the skills; this is a control, not the headline.",
             "",
             table(c_rows, c_scores, args.skills),
             "",
         ]
-        lines += [f"- {note}" for note in c_notes] + ([""] if c_notes else [])
+        lines += [f"- {line}" for line in findings(c_rows, c_scores, args.skills, args.report_items)[:1]]
+        if "control" in vectors:
+            lines.append("- " + vector_line(vectors["control"], args.skills))
+        lines += [f"- {note}" for note in c_notes]
+        lines.append("")
     return "\n".join(lines)
 
 
