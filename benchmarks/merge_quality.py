@@ -25,9 +25,11 @@ Usage:
 
 The defaults are sized for a GPU (minutes). The table in RESULTS.md was made on a 2-core CPU
 with ``--threads 1 --skills add,reverse,date --steps 48 --batch-size 16 --lr 1.5e-4
---report-items 60 --search-items 24 --trials 250 --evolve-minutes 12 --control-steps 3000``:
+--report-items 60 --search-items 100 --trials 250 --evolve-minutes 12 --control-steps 3000``:
 from an empty cache roughly 45 minutes on one otherwise idle core (a SmolLM2 expert 3 min or
-more, the search about 11, scoring 17 s a model, a control expert 5 to 8 minutes).
+more, the search 12 (about 100 trials), scoring 17 s a model, a control expert 5 to 8
+minutes). Keep the search split large: with 24 items per skill the search fit its split and
+its pick did worse on the held-out items than its own TIES baseline.
 
 Needs the ``quality`` extra (gguf) and the ``evolve`` extra (optuna, cmaes).
 """
