@@ -189,12 +189,27 @@ class Bot:
             return None
         raise AssertionError(f"unhandled command {command!r}")
 
-    def _merge(self, command: cmd.Merge, user: str, report: ReportTo, source: str) -> Job:
+    def check_room(
+        self, user: str, destination: str, *, owner: Hub | None = None, rename: str = "`--name`"
+    ) -> None:
+        """Refuse a new job: the user has too many waiting, or its destination is taken.
+
+        ``owner``: the Hub client of the destination's namespace (default: the bot's);
+        ``rename``: what the user changes to pick another destination.
+        """
         if self.store.active_count(user) >= self.settings.max_jobs_per_user:
             raise QuotaError(user, self.settings.max_jobs_per_user)
+        if self.store.active_for(destination) or (owner or self.hub).repo_exists(destination):
+            raise DestinationError(f"`{destination}` already exists; choose another {rename}.")
+
+    def _check_size(self, bytes_to_write: int) -> None:
+        limit = self.settings.max_merge_bytes
+        if limit is not None and bytes_to_write > limit:
+            raise TooLargeError(bytes_to_write, limit)
+
+    def _merge(self, command: cmd.Merge, user: str, report: ReportTo, source: str) -> Job:
         destination = f"{self.name}/{command.name}"
-        if self.store.active_for(destination) or self.hub.repo_exists(destination):
-            raise DestinationError(f"`{destination}` already exists; choose another `--name`.")
+        self.check_room(user, destination)
         pre = preflight(
             self.hub,
             command.recipe,
@@ -203,9 +218,7 @@ class Bot:
             endpoint=self.settings.hf_endpoint,
             token=self.settings.hf_token.get_secret_value(),
         )
-        limit = self.settings.max_merge_bytes
-        if limit is not None and pre.bytes_to_write > limit:
-            raise TooLargeError(pre.bytes_to_write, limit)
+        self._check_size(pre.bytes_to_write)
         spec = JobSpec(
             kind="merge",
             requester=user,
@@ -241,12 +254,9 @@ class Bot:
         """
         from bot.evolve import preflight_search
 
-        if self.store.active_count(user) >= self.settings.max_jobs_per_user:
-            raise QuotaError(user, self.settings.max_jobs_per_user)
         destination = f"{signed_in.user if signed_in else self.name}/{name}"
-        owner = self.hub.as_user(signed_in.token.get_secret_value()) if signed_in else self.hub
-        if self.store.active_for(destination) or owner.repo_exists(destination):
-            raise DestinationError(f"`{destination}` already exists; choose another `--name`.")
+        owner = self.hub.as_user(signed_in.token.get_secret_value()) if signed_in else None
+        self.check_room(user, destination, owner=owner)
         pre = preflight_search(
             self.hub,
             search_yaml,
@@ -256,9 +266,7 @@ class Bot:
             token=self.settings.hf_token.get_secret_value(),
             max_trials=self.settings.max_evolve_trials,
         )
-        limit = self.settings.max_merge_bytes
-        if limit is not None and pre.bytes_to_write > limit:
-            raise TooLargeError(pre.bytes_to_write, limit)
+        self._check_size(pre.bytes_to_write)
         spec = JobSpec(
             kind="evolve",
             requester=user,

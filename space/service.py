@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from bot.cards import build_context, render_card
 from bot.credentials import UserCredential
-from bot.errors import BotError, DestinationError, JobNotFound, QuotaError
+from bot.errors import BotError, DestinationError, JobNotFound
 from bot.hub import Lineage, RepoFacts
 from bot.jobs import Job, JobSpec
 from bot.licenses import LicenseVerdict, ParentLicense, decide
@@ -233,12 +233,9 @@ class SpaceService:
             (the message says why); nothing was queued.
         """
         user = self._submitter(name, requester, signed_in)
-        if self.bot.store.active_count(user) >= self.bot.settings.max_jobs_per_user:
-            raise QuotaError(user, self.bot.settings.max_jobs_per_user)
         destination = self.destination(name, signed_in.user if signed_in else None)
-        owner_hub = self.bot.hub.as_user(signed_in.token.get_secret_value()) if signed_in else self.bot.hub
-        if self.bot.store.active_for(destination) or owner_hub.repo_exists(destination):
-            raise DestinationError(f"`{destination}` already exists; choose another name.")
+        owner_hub = self.bot.hub.as_user(signed_in.token.get_secret_value()) if signed_in else None
+        self.bot.check_room(user, destination, owner=owner_hub, rename="name")
         pre = preflight(
             self.bot.hub,
             recipe_yaml,
