@@ -117,21 +117,6 @@ def _search_file_error(location: str, message: str) -> MergeError:
     return SearchFileError.single(location, message)
 
 
-def _load(text: str) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
-    from engine.yaml_locations import line_index
-
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
-        raise _search_file_error(where, f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(data, dict):
-        raise _search_file_error("", "a search file must be a YAML mapping (see `mergebot evolve --help`)")
-    return data, line_index(node) if node is not None else {}
-
-
 def spec_base(data: Mapping[str, Any]) -> str:
     return str(data["base_model"])
 
@@ -161,9 +146,9 @@ def check_search_file(text: str, *, max_trials: int) -> tuple[dict[str, Any], Se
         engine.evolve.SearchFileError: what is wrong with the file, with locations.
         PreflightError: a model is not a Hub id, or the data is not a file in a Hub repo.
     """
-    from engine.evolve.spec import validate_search
+    from engine.evolve.spec import parse_search, validate_search
 
-    data, lines = _load(text)
+    data, lines = parse_search(text)
     if "storage" in data:
         raise _search_file_error("storage", "the bot keeps each search's study itself; remove `storage`")
     budget = data.get("budget")

@@ -157,20 +157,32 @@ def load_search(path: str | os.PathLike[str]) -> SearchSpec:
             text = f.read()
     except OSError as exc:
         raise SearchFileError.single("", f"cannot read the search file {path}: {exc.strerror}") from None
+    data, lines = parse_search(text, source=path)
+    return validate_search(data, base_dir=os.path.dirname(os.path.abspath(path)), lines=lines, source=path)
+
+
+def parse_search(
+    text: str, *, source: str | None = None
+) -> tuple[dict[str, Any], dict[tuple[Any, ...], int]]:
+    """A search file's YAML as a mapping, with the line of each key (for :func:`validate_search`).
+
+    Raises:
+        SearchFileError: not valid YAML (with where), or not a mapping.
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
-        raise SearchFileError.single(where, f"not valid YAML: {getattr(exc, 'problem', exc)}", path) from None
+        raise SearchFileError.single(
+            where, f"not valid YAML: {getattr(exc, 'problem', exc)}", source
+        ) from None
     if not isinstance(data, dict):
         raise SearchFileError.single(
-            "", "a search file must be a YAML mapping (see `mergebot evolve --help`)", path
+            "", "a search file must be a YAML mapping (see `mergebot evolve --help`)", source
         )
-    return validate_search(
-        data, base_dir=os.path.dirname(os.path.abspath(path)), lines=line_index(node), source=path
-    )
+    return data, line_index(node)
 
 
 def validate_search(
