@@ -125,12 +125,16 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         MergeError: the URL cannot be opened.
     """
     kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
+    sqlite = url.startswith("sqlite:///")
+    if sqlite:
         kwargs = {"creator": functools.partial(_sqlite_connection, _sqlite_path(url))}
     last: Exception | None = None
     for attempt in range(5):  # two workers creating the tables at once: one of them retries
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            if sqlite:
+                _begin_immediately(storage.engine)
+            return storage
         except Exception as exc:  # sqlalchemy's errors, whatever the database
             last = exc
             time.sleep(0.2 * (attempt + 1))
@@ -162,10 +166,28 @@ def _sqlite_connection(path: str) -> sqlite3.Connection:
     commit does not wait for the disk (a power cut can lose the last trials, never corrupt the
     file); each connection waits up to two minutes for the write lock instead of failing.
     """
-    connection = sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S, check_same_thread=False)
+    # isolation_level=None: the driver opens no transaction of its own; _begin_immediately does.
+    connection = sqlite3.connect(
+        path, timeout=SQLITE_TIMEOUT_S, check_same_thread=False, isolation_level=None
+    )
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
     return connection
+
+
+def _begin_immediately(engine: Any) -> None:
+    """Every transaction takes SQLite's write lock when it begins, not at its first write.
+
+    Python's sqlite3 driver begins a transaction only before a write, so optuna's read-then-update
+    of a queued trial's state (``SELECT ... FOR UPDATE``, which SQLite ignores) let two workers both
+    read the trial as waiting and both run it. Taking the lock first makes that read and its update
+    one step; the transactions are short, so workers queue on the lock for milliseconds.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Session:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -164,6 +165,23 @@ def test_an_interrupted_trial_is_not_counted_and_the_rerun_completes_the_budget(
     trials = trials_of(spec, out)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 3
     assert len(trials) == 4
+
+
+def test_a_sqlite_study_transaction_holds_the_write_lock_from_its_start(tmp_path: Path) -> None:
+    # optuna reads a queued trial's state, then marks it running; SQLite ignores SELECT ... FOR
+    # UPDATE, so unless the read already holds the write lock, two workers can both take the trial.
+    url = default_storage(str(tmp_path))
+    storage = open_storage(url)
+    with storage.engine.connect() as connection, connection.begin():
+        connection.exec_driver_sql("SELECT count(*) FROM trials").all()
+        other = sqlite3.connect(str(tmp_path / "study.db"), timeout=0, isolation_level=None)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+        other.close()
+    other = sqlite3.connect(str(tmp_path / "study.db"), timeout=0, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the lock goes with the transaction
+    other.execute("ROLLBACK")
+    other.close()
 
 
 def test_two_workers_share_one_sqlite_study(llama_family: Family, write_search: Any, tmp_path: Path) -> None:
