@@ -202,7 +202,12 @@ class Bot:
         if self.store.active_for(destination) or (owner or self.hub).repo_exists(destination):
             raise DestinationError(f"`{destination}` already exists; choose another {rename}.")
 
-    def _check_size(self, bytes_to_write: int) -> None:
+    def check_size(self, bytes_to_write: int) -> None:
+        """Refuse a merge whose output is above ``MERGEBOT_MAX_MERGE_GB``.
+
+        Raises:
+            bot.errors.TooLargeError: it is.
+        """
         limit = self.settings.max_merge_bytes
         if limit is not None and bytes_to_write > limit:
             raise TooLargeError(bytes_to_write, limit)
@@ -218,7 +223,7 @@ class Bot:
             endpoint=self.settings.hf_endpoint,
             token=self.settings.hf_token.get_secret_value(),
         )
-        self._check_size(pre.bytes_to_write)
+        self.check_size(pre.bytes_to_write)
         spec = JobSpec(
             kind="merge",
             requester=user,
@@ -266,7 +271,7 @@ class Bot:
             token=self.settings.hf_token.get_secret_value(),
             max_trials=self.settings.max_evolve_trials,
         )
-        self._check_size(pre.bytes_to_write)
+        self.check_size(pre.bytes_to_write)
         spec = JobSpec(
             kind="evolve",
             requester=user,
@@ -300,6 +305,7 @@ class Bot:
             endpoint=self.settings.hf_endpoint,
             token=self.settings.hf_token.get_secret_value(),
         )
+        self.check_size(pre.bytes_to_write)
         spec = previous.spec.model_copy(
             update={
                 "kind": "remerge",

@@ -166,7 +166,8 @@ class SpaceService:
                     if audit.ok:
                         plan = build_plan(config, metadata)
                         read, write = plan.bytes_to_read, plan.bytes_to_write
-            except MergeError as exc:
+                        self.bot.check_size(write)
+            except (MergeError, BotError) as exc:
                 problems.append(str(exc))
         if audit is not None:
             problems.extend(f"The models do not agree: {m}." for m in audit.mismatches)
@@ -244,6 +245,7 @@ class SpaceService:
             endpoint=self.bot.settings.hf_endpoint,
             token=self.bot.settings.hf_token.get_secret_value(),
         )
+        self.bot.check_size(pre.bytes_to_write)
         spec = JobSpec(
             kind="merge",
             requester=user,

@@ -100,6 +100,18 @@ def test_remerge_command_and_poll(world: World, serve_bot: BotFactory) -> None:
     wait_for(lambda: succeeded(server.bot.store.all_for(dest), 3), 60, "the polled re-merge")
     assert server.bot.store.all_for(dest)[-1].spec.parents["bob/moving2"] == new.oid
 
+    # a re-merge is held to the size limit like a new merge (the limit may have been lowered since)
+    server.bot.settings = server.bot.settings.model_copy(update={"max_merge_bytes": 1000})
+    again = world.bob.create_discussion(dest, "once more", description=f"@{BOT} remerge")
+    wait_for(
+        lambda: any(
+            "above this bot's limit" in getattr(e, "content", "")
+            for e in world.alice.get_discussion_details(dest, again.num).events
+        ),
+        what="the size refusal",
+    )
+    assert len(server.bot.store.all_for(dest)) == 3
+
 
 def test_the_interval_poll_answers_a_missed_request(world: World, serve_bot: BotFactory) -> None:
     world.bot_api.create_repo(f"{BOT}/requests-missed")

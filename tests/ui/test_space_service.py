@@ -98,6 +98,19 @@ def test_submit_refuses_what_the_check_refuses(service: SpaceService) -> None:
     ]
 
 
+def test_a_merge_above_the_bots_size_limit_is_refused_by_check_and_submit(
+    service: SpaceService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limited = service.bot.settings.model_copy(update={"max_merge_bytes": 1000})  # the demo models: ~90 kB
+    monkeypatch.setattr(service.bot, "settings", limited)
+    report = service.check(recipe("demo-lab/tiny-math", "demo-lab/tiny-code"), name="too-big")
+    assert not report.ok and report.bytes_to_write > 1000
+    assert any("above this bot's limit" in p and "mergebot merge" in p for p in report.problems)
+    with pytest.raises(BotError, match="above this bot's limit"):
+        service.submit(recipe("demo-lab/tiny-math", "demo-lab/tiny-code"), name="too-big")
+    assert not [j for j in service.bot.store.all() if j.spec.destination == "mergebot/too-big"]
+
+
 def test_submit_enters_the_bots_queue_and_publishes(service: SpaceService, stack: DemoStack) -> None:
     job = service.submit(recipe("demo-lab/tiny-math", "demo-lab/tiny-chat"), name="nc-merge", requester="ana")
     assert job.spec.requester == "ana" and job.spec.report is None
