@@ -57,8 +57,10 @@ class SearchHistory:
     rows: tuple[TrialRow, ...]  # the best trials, best first
     held_out: tuple[tuple[str, str, str], ...]  # (recipe, search-split score, held-out score), best first
     best_trial: int
-    best_baseline: str | None = None  # the best recipe is this baseline (no search trial beat it)
+    best_baseline: str | None = None  # the best recipe is this baseline
     plot: str | None = None  # a PNG in the repo: score against trial
+    # with a validation split: (trial or baseline, search-split score, validation score) per finalist
+    validation: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -281,7 +281,20 @@ def search_history(
         best_trial=result.best.number,
         best_baseline=result.best.baseline,
         plot=plot,
+        validation=tuple(_finalist_rows(result)),
     )
+
+
+def _finalist_rows(result: SearchResult) -> list[tuple[str, str, str]]:
+    by_number = {r.number: r for r in result.trials}
+    rows = []
+    for number, value in result.validation.items():
+        record = by_number[number]
+        label = f"baseline: {record.baseline}" if record.baseline else f"trial {number}"
+        if number == result.best.number:
+            label += " (this model)"
+        rows.append((label, _fmt(record.score), _fmt(value)))
+    return rows
 
 
 def run_evolve(worker: Worker, job: Job, status: StatusComment, publisher: Hub) -> str:

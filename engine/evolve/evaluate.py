@@ -1,10 +1,10 @@
-"""Scoring a model on evaluation data, split once (by seed) into a search part and a held-out report part.
+"""Scoring a model on evaluation data, split once (by seed) into search, held-out report and validation parts.
 
 Kinds (``lm_eval``, lm-evaluation-harness tasks, is in :mod:`engine.evolve.lmeval`):
 
 - ``perplexity``: a text file, tokenized whole and cut into blocks of ``block_size`` tokens; the
   blocks are shuffled with the seed, the first ``search_size`` score trials and the next
-  ``report_size`` are held out. Score: ``exp(total negative log-likelihood / predicted tokens)``,
+  ``report_size`` are held out (then ``validation_size`` more, when asked for). Score: ``exp(total negative log-likelihood / predicted tokens)``,
   lower is better.
 - ``exact_match``: a JSONL file of ``{"prompt": ..., "answer": ...}`` items, split the same way.
   The model continues each prompt greedily for ``max_new_tokens`` (default: the answer's length
@@ -32,7 +32,8 @@ import torch
 from engine.evolve.errors import EvaluationDataError, SearchFileError
 from engine.evolve.spec import Evaluation
 
-Split = Literal["search", "report"]
+Split = Literal["search", "report", "validation"]
+SPLITS: tuple[Split, ...] = ("search", "report", "validation")
 Direction = Literal["minimize", "maximize"]
 
 
@@ -74,7 +75,7 @@ class FileEvaluator:
 
     kind: str
     direction: Direction
-    splits: dict[str, tuple[Any, ...]]  # "search"/"report" -> token blocks or items
+    splits: dict[str, tuple[Any, ...]]  # split name -> token blocks or items
     batch_size: int
     max_new_tokens: int | None
     eos_token_id: int | None
@@ -132,28 +133,51 @@ def load_evaluator(evaluation: Evaluation, tokenizer: Tokenizer, *, seed: int) -
     else:
         units = _read_items(path, tokenizer)
         what = "items"
-    need = evaluation.search_size + evaluation.report_size
-    if len(units) < need:
-        raise EvaluationDataError(
-            path,
-            f"has {len(units)} {what}, fewer than search_size + report_size = {need}; "
-            "lower the sizes or add data",
-        )
-    order = list(range(len(units)))
-    random.Random(seed).shuffle(order)
-    search = tuple(units[i] for i in order[: evaluation.search_size])
-    report = tuple(units[i] for i in order[evaluation.search_size : need])
+    indices = split_indices(
+        len(units), evaluation, seed, where=path, what=what, fix="lower the sizes or add data"
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return FileEvaluator(
         kind=evaluation.kind,
         direction="minimize" if evaluation.kind == "perplexity" else "maximize",
-        splits={"search": search, "report": report},
+        splits={split: tuple(units[i] for i in indices[split]) for split in SPLITS},
         batch_size=evaluation.batch_size,
         max_new_tokens=evaluation.max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=pad,
         decode=tokenizer.decode,
     )
+
+
+def split_indices(
+    count: int, evaluation: Evaluation, seed: int, *, where: str, what: str, fix: str
+) -> dict[Split, list[int]]:
+    """Shuffle ``count`` units with the seed and cut them into the disjoint splits.
+
+    The report split follows the search split and validation comes last, so adding validation
+    to a search leaves its search and report items as they were.
+
+    Raises:
+        EvaluationDataError: fewer units than the splits need (``where``, ``what`` and ``fix``
+        word the message).
+    """
+    sizes = {
+        "search": evaluation.search_size,
+        "report": evaluation.report_size,
+        "validation": evaluation.validation_size,
+    }
+    need = sum(sizes.values())
+    if count < need:
+        named = " + ".join(f"{split}_size" for split in SPLITS if sizes[split])
+        raise EvaluationDataError(where, f"has {count} {what}, fewer than {named} = {need}; {fix}")
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    out: dict[Split, list[int]] = {}
+    start = 0
+    for split in SPLITS:
+        out[split] = order[start : start + sizes[split]]
+        start += sizes[split]
+    return out
 
 
 def _read_text(path: str) -> str:

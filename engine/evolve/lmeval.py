@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +43,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from engine.evolve.errors import EvaluationDataError, SearchFileError
-from engine.evolve.evaluate import Direction, Split
+from engine.evolve.evaluate import SPLITS, Direction, Split, split_indices
 from engine.evolve.spec import Evaluation
 
 log = logging.getLogger(__name__)
@@ -60,11 +59,10 @@ class TaskSplits:
     task: Any  # lm_eval.api.task.Task
     metric: str
     higher_is_better: bool
-    search: tuple[int, ...]
-    report: tuple[int, ...]
+    documents: dict[Split, tuple[int, ...]]
 
     def indices(self, split: Split) -> list[int]:
-        return list(self.search if split == "search" else self.report)
+        return list(self.documents[split])
 
 
 class QuietHFLM(HFLM):
@@ -118,10 +116,7 @@ class LmEvalEvaluator:
     @property
     def splits(self) -> dict[str, dict[str, tuple[int, ...]]]:
         """Each split's document indices by task name."""
-        return {
-            "search": {t.name: t.search for t in self.tasks},
-            "report": {t.name: t.report for t in self.tasks},
-        }
+        return {split: {t.name: t.documents[split] for t in self.tasks} for split in SPLITS}
 
     def score(self, model: Any, split: Split) -> float:
         """The mean of the tasks' primary metrics on one split's documents (see the module docstring).
@@ -221,29 +216,26 @@ def _task_manager(names: tuple[str, ...], folder: str | None) -> TaskManager:
 def _split(name: str, task: Any, evaluation: Evaluation, seed: int) -> TaskSplits:
     """One task's primary metric, few-shot count and disjoint search/report documents."""
     where = f"lm-eval task {name}"
-    total = len(task.eval_docs)
-    need = evaluation.search_size + evaluation.report_size
-    if total < need:
-        raise EvaluationDataError(
-            where,
-            f"has {total} evaluation documents, fewer than search_size + report_size = {need}; "
-            "lower the sizes (they count documents per task)",
-        )
+    indices = split_indices(
+        len(task.eval_docs),
+        evaluation,
+        seed,
+        where=where,
+        what="evaluation documents",
+        fix="lower the sizes (they count documents per task)",
+    )
     better = dict(task.higher_is_better() or {})
     if not better:
         raise EvaluationDataError(where, "declares no metric to score (give it a metric_list)")
     metric = next(iter(better))
     _set_fewshot(name, task, evaluation.num_fewshot)
-    order = list(range(total))
-    random.Random(seed).shuffle(order)
     # lm-eval maps its i-th selected document back to samples[i]: the indices must ascend
     return TaskSplits(
         name=name,
         task=task,
         metric=metric,
         higher_is_better=bool(better[metric]),
-        search=tuple(sorted(order[: evaluation.search_size])),
-        report=tuple(sorted(order[evaluation.search_size : need])),
+        documents={split: tuple(sorted(docs)) for split, docs in indices.items()},
     )
 
 

@@ -53,13 +53,16 @@ def render_markdown(result: SearchResult, space: SearchSpace, spec: SearchSpec) 
     ev = spec.evaluation
     best_label = "best (`recipe.yml`)"
     if result.best.baseline:
-        best_label = f"best (`recipe.yml`): the {result.best.baseline} baseline, no search trial beat it"
+        beaten = "chosen on the validation split" if result.validation else "no search trial beat it"
+        best_label = f"best (`recipe.yml`): the {result.best.baseline} baseline, {beaten}"
     lines = [
         f"# Evolutionary merge search: {spec.method}",
         "",
         f"- models: {', '.join(f'`{m}`' for m in spec.models)} (base `{spec.base_model}`)",
         f"- evaluation: {ev.kind} on {_evaluated_on(ev)} ({result.metric}, {better} is better); "
-        f"search split {ev.search_size}, held-out split {ev.report_size}, split by seed {spec.seed}",
+        f"search split {ev.search_size}, held-out split {ev.report_size}"
+        + (f", validation split {ev.validation_size}" if ev.validation_size else "")
+        + f", split by seed {spec.seed}",
         f"- study `{result.study_name}` in `{result.storage}`: {len(searched)} search trials and "
         f"{len(baselines)} baselines completed",
         f"- search space: {len(space.dimensions)} dimensions ({', '.join(space.label(d) for d in space.dimensions)})",
@@ -80,6 +83,7 @@ def render_markdown(result: SearchResult, space: SearchSpace, spec: SearchSpec) 
         "",
         f"The best recipe re-scored on the search split: {result.best_rescored!r} "
         f"(the trial reported {result.best.score!r}).",
+        *_validation_lines(result),
         "",
         f"## Best trials (top {TOP}, search split)",
         "",
@@ -96,6 +100,29 @@ def render_markdown(result: SearchResult, space: SearchSpace, spec: SearchSpec) 
     lines += ["", "## Cost of a trial", "", *_cost_lines(result.trials), "", "## Best recipe", "", "```yaml"]
     lines += [result.best.recipe.rstrip(), "```", "", f"![score vs trial]({PLOT_FILE})", ""]
     return "\n".join(lines)
+
+
+def _validation_lines(result: SearchResult) -> list[str]:
+    """How the final recipe was chosen among the finalists, when a validation split was asked for."""
+    if not result.validation:
+        return []
+    by_number = {r.number: r for r in result.trials}
+    lines = [
+        "",
+        "## Choosing the final recipe",
+        "",
+        f"The {len(result.validation)} best trials by search score, scored again on the validation split "
+        "(items neither the search nor the held-out split uses); the best there is `recipe.yml`.",
+        "",
+        "| search rank | trial | search split | validation split | |",
+        "|---|---|---|---|---|",
+    ]
+    for rank, (number, value) in enumerate(result.validation.items(), start=1):
+        record = by_number[number]
+        label = f"baseline: {record.baseline}" if record.baseline else str(number)
+        chosen = "**chosen**" if number == result.best.number else ""
+        lines.append(f"| {rank} | {label} | {_fmt(record.score)} | {_fmt(value)} | {chosen} |")
+    return lines
 
 
 def _cost_lines(records: tuple[TrialRecord, ...]) -> list[str]:

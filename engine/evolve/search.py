@@ -101,6 +101,8 @@ class SearchResult:
     best_rescored: float  # the best recipe re-scored on the search split
     out_dir: str
     files: tuple[str, ...] = field(default=())
+    # with a validation split: each finalist's trial number -> its validation score, best search score first
+    validation: dict[int, float] = field(default_factory=dict)
 
 
 class _CmaEs(optuna.samplers.CmaEsSampler):
@@ -392,8 +394,41 @@ def scored_trials(study: optuna.Study) -> list[TrialRecord]:
 
 def best_trial(records: list[TrialRecord], direction: str) -> TrialRecord:
     """The best completed trial (baselines compete too); the earliest wins a tie."""
+    return ranked_trials(records, direction)[0]
+
+
+def ranked_trials(records: list[TrialRecord], direction: str) -> list[TrialRecord]:
+    """Completed trials from the best search score down; the earlier of a tie first."""
     sign = 1.0 if direction == "minimize" else -1.0
-    return min(records, key=lambda r: (sign * r.score, r.number))
+    return sorted(records, key=lambda r: (sign * r.score, r.number))
+
+
+def choose_final(
+    records: list[TrialRecord],
+    direction: str,
+    finalists: int,
+    validate: Callable[[TrialRecord], float] | None,
+) -> tuple[TrialRecord, dict[int, float]]:
+    """The recipe a search ends with, and each finalist's validation score.
+
+    Without ``validate`` it is the best search score. With it, the ``finalists`` best trials by
+    search score are scored again on the validation split and the best there wins; a tie goes
+    to the better search score. The search score of the best trial is biased upward (it was
+    picked for being high on the very items it is measured on); fresh items are not.
+    """
+    ranked = ranked_trials(records, direction)
+    if validate is None:
+        return ranked[0], {}
+    sign = 1.0 if direction == "minimize" else -1.0
+    scores = {record.number: validate(record) for record in ranked[:finalists]}
+
+    def worse_first(item: tuple[int, TrialRecord]) -> tuple[bool, float, int]:
+        rank, record = item
+        value = scores[record.number]
+        return (not math.isfinite(value), sign * value if math.isfinite(value) else 0.0, rank)
+
+    _, chosen = min(enumerate(ranked[:finalists]), key=worse_first)
+    return chosen, scores
 
 
 def finish(
@@ -406,6 +441,9 @@ def finish(
     checkpoint: Callable[[], None] | None = None,
 ) -> SearchResult:
     """Write the best recipe, its merged model (run_merge) and the report; score the held-out split.
+
+    The best recipe is the best search score, or, with a validation split, the finalist best on
+    it (:func:`choose_final`).
 
     ``checkpoint`` is called between steps and after each tensor of the merge (it may raise to
     stop: a cancelled job then writes nothing more).
@@ -421,12 +459,20 @@ def finish(
             "No trial has completed yet, so there is no best recipe; raise the budget and run again."
         )
     direction = session.evaluator.direction
-    best = best_trial(records, direction)
+    check = checkpoint or (lambda: None)
+    evaluation = session.spec.evaluation
+
+    def validate(record: TrialRecord) -> float:
+        check()
+        return session.score(load_recipe(record.recipe, name=f"trial {record.number}"), "validation")[0]
+
+    best, validation = choose_final(
+        records, direction, evaluation.finalists, validate if evaluation.validation_size else None
+    )
     recipe_path = os.path.join(out_dir, RECIPE_FILE)
     with open(recipe_path, "w", encoding="utf-8") as f:
         f.write(best.recipe)
     config = load_recipe(recipe_path)
-    check = checkpoint or (lambda: None)
     check()
     run_merge(
         config,
@@ -456,6 +502,7 @@ def finish(
         held_out=held_out,
         best_rescored=best_rescored,
         out_dir=out_dir,
+        validation=validation,
     )
     files = write_report(result, session.space, session.spec)
     return dataclasses.replace(result, files=(recipe_path, os.path.join(out_dir, MODEL_DIR), *files))

@@ -16,6 +16,11 @@ and line::
     budget: {trials: 50, minutes: 120}
     seed: 0
 
+The data is shuffled with the seed and cut into disjoint splits: ``search_size`` items score every
+trial, ``report_size`` are held out for the report, and an optional ``validation_size`` (default
+0) re-scores the ``finalists`` (default 5) best trials to choose the final recipe, so a recipe that
+only fits the search split's items does not win on them alone.
+
 Evaluations (see :mod:`engine.evolve.evaluate`): ``perplexity`` on a text file, ``exact_match`` or
 ``loglikelihood`` on a JSONL file of prompt/answer items, or ``lm_eval`` with lm-evaluation-harness
 tasks (the optional ``lm-eval`` extra; see :mod:`engine.evolve.lmeval`), where ``data`` is an
@@ -79,6 +84,10 @@ class Evaluation(_Strict):
     data: str | None = Field(default=None, min_length=1)
     search_size: int = Field(gt=0)  # lm_eval: documents per task
     report_size: int = Field(gt=0)
+    # Items scored only to choose the final recipe among the `finalists` best trials by search
+    # score (0: the best search score wins); disjoint from both other splits.
+    validation_size: int = Field(default=0, ge=0)
+    finalists: int = Field(default=5, ge=1)
     block_size: int = Field(default=128, ge=2)  # perplexity: tokens per scored block
     max_new_tokens: int | None = Field(default=None, gt=0)  # exact_match: default, the answer's length
     batch_size: int = Field(default=8, gt=0)
@@ -137,7 +146,15 @@ class SearchSpec(_Strict):
 
     def study_key(self) -> str:
         """A short hash of everything that defines the study (not the budget), for its default name."""
-        data = self.model_dump(exclude={"budget", "storage", "study_name"})
+        # validation only picks among finished trials, so it does not make another study
+        data = self.model_dump(
+            exclude={
+                "budget": True,
+                "storage": True,
+                "study_name": True,
+                "evaluation": {"validation_size", "finalists"},
+            }
+        )
         digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
         return digest[:12]
 

@@ -4,6 +4,7 @@ in the status comment, and publishes the best merge with its search history on t
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,11 @@ from engine import MergeError, load_recipe
 EVAL = "hf://datasets/alice/eval-text/eval.txt"
 
 
-def search_file(data: str = EVAL, extra: str = "") -> str:
+def search_file(data: str = EVAL, extra: str = "", validation: str = "") -> str:
     return (
         "method: ties\nbase_model: acme/base\nmodels: [alice/ft-mit, bob/ft-apache]\n"
         "parameters:\n  weight: {min: 0.1, max: 1.0}\n  density: {min: 0.3}\n"
-        f"evaluation: {{kind: perplexity, data: '{data}', search_size: 3, report_size: 3, block_size: 24}}\n"
+        f"evaluation: {{kind: perplexity, data: '{data}', search_size: 3, report_size: 3, block_size: 24{validation}}}\n"
         f"budget: {{trials: 2}}\nbaselines: [linear]\nseed: 0\n{extra}"
     )
 
@@ -91,7 +92,8 @@ def test_evolve_from_a_discussion_publishes_the_best_merge_with_its_history(
     world: World, serve_bot: BotFactory, eval_repo: str, tmp_path: Path
 ) -> None:
     server = serve_bot()
-    text = f"Please search.\n\n@{BOT} evolve --name evolved\n```yaml\n{search_file()}```\n"
+    search = search_file(validation=", validation_size: 3, finalists: 2")
+    text = f"Please search.\n\n@{BOT} evolve --name evolved\n```yaml\n{search}```\n"
     discussion = world.alice.create_discussion(f"{BOT}/requests", "Evolve", description=text)
     job = finished_job(server.bot, f"{BOT}/evolved", timeout=180)
     assert job.state == "succeeded", job.reason
@@ -106,6 +108,10 @@ def test_evolve_from_a_discussion_publishes_the_best_merge_with_its_history(
     readme = Path(world.alice.hf_hub_download(repo, "README.md", local_dir=tmp_path)).read_text()
     assert "## Search history" in readme and "2 search trials and 1 baseline," in readme
     assert "| baseline: linear |" in readme and "best (this model)" in readme
+    assert "It was chosen among the 2 best trials by search score" in readme
+    chosen = readme.split("It was chosen among", 1)[1].split("| recipe |", 1)[0]
+    finalists = [line for line in chosen.splitlines() if re.match(r"\| (trial \d+|baseline: linear)", line)]
+    assert len(finalists) == 2 and sum("(this model)" in line for line in finalists) == 1
     assert "weight ft-mit" in readme and "![score against trial](score_vs_trial.png)" in readme
     assert "evolutionary-merge" in readme and str(server.bot.settings.data_dir) not in readme
     recipe = load_recipe(

@@ -54,6 +54,31 @@ def test_splits_are_disjoint_and_fixed_by_the_seed(
     assert not set(map(tuple, text.splits["search"])) & set(map(tuple, text.splits["report"]))
 
 
+def test_a_validation_split_comes_after_the_others_and_leaves_them_as_they_were(
+    eval_data: dict[str, Path], model_and_tokenizer: Any
+) -> None:
+    _, tok = model_and_tokenizer
+    plain = load_evaluator(evaluation(eval_data["jsonl"], "exact_match", 10, 8), tok, seed=0)
+    three = load_evaluator(
+        evaluation(eval_data["jsonl"], "exact_match", 10, 8, validation_size=6), tok, seed=0
+    )
+    assert (
+        three.splits["search"] == plain.splits["search"] and three.splits["report"] == plain.splits["report"]
+    )
+    prompts = {
+        split: {tuple(i.prompt) for i in three.splits[split]} for split in ("search", "report", "validation")
+    }
+    assert len(prompts["validation"]) == 6 and not prompts["validation"] & (
+        prompts["search"] | prompts["report"]
+    )
+    assert plain.splits["validation"] == ()
+    with pytest.raises(
+        EvaluationDataError,
+        match=r"has 24 items, fewer than search_size \+ report_size \+ validation_size = 25",
+    ):
+        load_evaluator(evaluation(eval_data["jsonl"], "exact_match", 10, 8, validation_size=7), tok, seed=0)
+
+
 def test_perplexity_is_exp_of_the_mean_token_loss(
     eval_data: dict[str, Path], model_and_tokenizer: Any
 ) -> None:

@@ -156,6 +156,14 @@ def test_splits_are_disjoint_and_scores_match_the_loglikelihood_kind(
     assert list(search) == sorted(search) and max(search + report) < n_items(task_folder)
     assert ev.direction == "maximize" and ev.metric == "acc (lm-eval: tiny_mc)"
     assert load_evaluator(section, tok, seed=1).splits != ev.splits
+    validated: Any = load_evaluator(section.model_copy(update={"validation_size": 5}), tok, seed=0)
+    validation = validated.splits["validation"]["tiny_mc"]
+    assert (
+        validated.splits["search"] == ev.splits["search"]
+        and validated.splits["report"] == ev.splits["report"]
+    )
+    assert len(validation) == 5 and list(validation) == sorted(validation)
+    assert not set(validation) & set(search + report)
 
     # The same items, split by the same seed, scored by mergebot's own log-likelihood accuracy:
     # lm-eval's multiple-choice `acc` is the same argmax over the choices' summed log-probabilities.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import subprocess
@@ -20,7 +21,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from engine import load_recipe, run_merge
 from engine.evolve import InMemoryMerger, TrialEvent, load_search, run_search
 from engine.evolve.evaluate import load_evaluator
-from engine.evolve.search import BASELINE, RECIPE, Session, default_storage, open_storage
+from engine.evolve.search import (
+    BASELINE,
+    RECIPE,
+    Session,
+    TrialRecord,
+    choose_final,
+    default_storage,
+    open_storage,
+    ranked_trials,
+)
 from engine.evolve.spec import Budget, SearchSpec
 from mergebot.cli import main as mergebot_main
 
@@ -87,6 +97,49 @@ def test_the_best_recipe_rescores_as_reported(finished: tuple[SearchSpec, Path, 
     assert evaluator.score(model, "search") == result.best.score
     assert result.best_rescored == result.best.score
     assert evaluator.score(model, "report") == result.held_out["best"]
+
+
+def test_a_validation_split_chooses_among_the_finalists(
+    finished: tuple[SearchSpec, Path, Any], tmp_path: Path
+) -> None:
+    spec, out, result = finished
+    evaluation = spec.evaluation.model_copy(update={"validation_size": 6, "finalists": 3})
+    validated = spec.model_copy(update={"evaluation": evaluation})
+    assert validated.name_of_study() == spec.name_of_study()  # validation only re-picks: the same study
+    target = tmp_path / "validated"
+    again = run_search(validated, str(target), storage=default_storage(str(out)))
+    assert again is not None and len(again.trials) == len(result.trials)  # the budget was spent: no trial ran
+
+    finalists = [r.number for r in ranked_trials(list(result.trials), "minimize")[:3]]
+    assert list(again.validation) == finalists
+    chosen = min(finalists, key=lambda n: (again.validation[n], finalists.index(n)))
+    assert again.best.number == chosen and (target / "recipe.yml").read_text() == again.best.recipe
+    model = AutoModelForCausalLM.from_pretrained(target / "model", dtype=torch.bfloat16)
+    model.eval()
+    evaluator = load_evaluator(evaluation, AutoTokenizer.from_pretrained(target / "model"), seed=spec.seed)
+    assert evaluator.score(model, "validation") == again.validation[chosen]
+    assert evaluator.score(model, "report") == again.held_out["best"]
+    report = (target / "REPORT.md").read_text()
+    assert "validation split 6" in report and "## Choosing the final recipe" in report
+    assert sum("**chosen**" in line for line in report.splitlines()) == 1
+
+
+def record(number: int, score: float, baseline: str | None = None) -> TrialRecord:
+    return TrialRecord(number, score, baseline, {}, f"trial {number}", 0.0, 0.0)
+
+
+def test_choose_final_takes_the_finalist_best_on_validation() -> None:
+    records = [record(0, 0.5, "linear"), record(1, 0.9), record(2, 0.8), record(3, 0.7), record(4, 0.9)]
+    assert choose_final(records, "maximize", 3, None) == (records[1], {})  # the earlier of a tie
+    held = {1: 0.6, 4: 0.7, 2: 0.7, 3: 1.0, 0: 1.0}
+    best, scores = choose_final(records, "maximize", 3, lambda r: held[r.number])
+    assert scores == {1: 0.6, 4: 0.7, 2: 0.7} and list(scores) == [1, 4, 2]  # trial 3 is not a finalist
+    assert best.number == 4  # a validation tie goes to the better search rank
+    best, _ = choose_final(records, "maximize", 5, lambda r: math.nan if r.number == 3 else held[r.number])
+    assert best.number == 0  # a failed validation score never wins; a baseline may
+    lower = [record(0, 3.0), record(1, 2.0), record(2, 2.5)]
+    best, scores = choose_final(lower, "minimize", 2, lambda r: {1: 9.0, 2: 4.0}[r.number])
+    assert best.number == 2 and list(scores) == [1, 2]
 
 
 def test_each_trial_merge_equals_run_merge_of_its_reported_recipe(
