@@ -141,20 +141,23 @@ class Splits:
     train: tuple[Item, ...]
     search: tuple[Item, ...]
     report: tuple[Item, ...]
+    validation: tuple[Item, ...] = ()  # from the search pool, after the search items
 
 
 POOL = 400  # items reserved for each of the report and search splits, whatever sizes are asked for
 
 
-def make_splits(skill: Skill, *, train: int, search: int, report: int, seed: int) -> Splits:
+def make_splits(
+    skill: Skill, *, train: int, search: int, report: int, seed: int, validation: int = 0
+) -> Splits:
     """Distinct items of a skill, deterministically from ``seed``: report, then search, then train.
 
     The first ``POOL`` items of the stream are the report pool and the next ``POOL`` the search
-    pool, so the training items do not change when the evaluation sizes do (cached experts stay
-    valid), and no input is in two splits.
+    pool (its validation items follow its search items), so the training items do not change when
+    the evaluation sizes do (cached experts stay valid), and no input is in two splits.
     """
-    if search > POOL or report > POOL:
-        raise ValueError(f"search and report sizes are at most {POOL} items per skill")
+    if search + validation > POOL or report > POOL:
+        raise ValueError(f"search + validation and report sizes are at most {POOL} items per skill")
     rng = random.Random(seed * 1_000_003 + zlib.crc32(skill.name.encode()))
     seen: set[str] = set()
     items: list[Item] = []
@@ -172,6 +175,7 @@ def make_splits(skill: Skill, *, train: int, search: int, report: int, seed: int
     return Splits(
         report=tuple(items[:report]),
         search=tuple(items[POOL : POOL + search]),
+        validation=tuple(items[POOL + search : POOL + search + validation]),
         train=tuple(items[2 * POOL :]),
     )
 

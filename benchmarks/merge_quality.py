@@ -101,6 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch")
     parser.add_argument("--report-items", type=int, default=100, help="held-out items per skill")
     parser.add_argument("--search-items", type=int, default=48, help="search-split items per skill")
+    parser.add_argument(
+        "--validation-items",
+        type=int,
+        default=0,
+        help="evolve: validation items per skill (engine.evolve's validation_size); 0: none",
+    )
+    parser.add_argument("--finalists", type=int, default=5, help="evolve: trials re-scored on validation")
     parser.add_argument("--eval-batch", type=int, default=50)
     parser.add_argument("--trials", type=int, default=40, help="evolve: search trials (baselines extra)")
     parser.add_argument("--evolve-minutes", type=float, default=4.0, help="evolve: wall-time cap")
@@ -219,11 +226,16 @@ def merge(name: str, recipe: dict[str, Any], root: Path, device: str) -> tuple[P
 
 def evolve(
     base: Path, experts: list[Path], splits: dict[str, Splits], args: argparse.Namespace, root: Path
-) -> tuple[Row, dict[str, Any]]:
-    """The project's search over DARE-TIES (weights and densities), on the search split only."""
+) -> tuple[list[Row], dict[str, Any]]:
+    """The project's search over DARE-TIES (weights and densities), on the search split only.
+
+    With ``--validation-items``, the final recipe is chosen on them among the finalists; when that
+    is not the best search score, the best search score's recipe is a second row.
+    """
     from engine.evolve import load_search, run_search
 
     items = [item for name in args.skills for item in splits[name].search]
+    held_for_validation = [item for name in args.skills for item in splits[name].validation]
     search: dict[str, Any] = {
         "method": "dare_ties",
         "base_model": str(base),
@@ -239,16 +251,23 @@ def evolve(
             "search_size": len(items) - len(items) // 4,
             "report_size": len(items) // 4,
             "batch_size": 32,
+            # validation: the same search and report sizes, plus these items to choose among the finalists
+            **(
+                {"validation_size": len(held_for_validation), "finalists": args.finalists}
+                if held_for_validation
+                else {}
+            ),
         },
         "budget": {"trials": args.trials, "minutes": args.evolve_minutes},
         "seed": args.seed,
     }
     # the budget is left out of the folder name, so a re-run with more trials continues the same study
-    folder = root / digest([{k: v for k, v in search.items() if k != "budget"}, [i.prompt for i in items]])
+    data = items + held_for_validation
+    folder = root / digest([{k: v for k, v in search.items() if k != "budget"}, [i.prompt for i in data]])
     out = folder / "out"
     if not is_complete(folder, search):
         folder.mkdir(parents=True, exist_ok=True)
-        write_jsonl(folder / "search.jsonl", items)
+        write_jsonl(folder / "search.jsonl", data)
         (folder / "search.yml").write_text(yaml.safe_dump(search, sort_keys=False))
         start = time.perf_counter()
 
@@ -265,6 +284,9 @@ def evolve(
             load_search(folder / "search.yml"), str(out), device=args.device, progress=progress
         )
         assert result is not None
+        from engine.evolve.search import best_trial
+
+        search_best = best_trial(list(result.trials), result.direction)
         summary = {
             "seconds": time.perf_counter() - start,
             "trials": len([t for t in result.trials if t.baseline is None]),
@@ -275,18 +297,58 @@ def evolve(
             "best_params": result.best.params,
             "merge_seconds_mean": sum(t.merge_seconds for t in result.trials) / len(result.trials),
             "eval_seconds_mean": sum(t.eval_seconds for t in result.trials) / len(result.trials),
+            # with validation: each finalist's score, and the trial the search score alone would pick
+            "validation": {str(k): v for k, v in result.validation.items()},
+            "search_best_trial": search_best.number,
+            "search_best_score": search_best.score,
+            "search_best_recipe": search_best.recipe,
         }
         (folder / "summary.json").write_text(json.dumps(summary, indent=1))
         mark_complete(folder, search)
     summary = json.loads((folder / "summary.json").read_text())
     recipe = yaml.safe_load((out / "recipe.yml").read_text())
     won = summary["best_is_baseline"]
+    validated = summary.get("validation") or {}
+    picked = f"validation pick of {len(validated)} finalists" if validated else "search best"
     how = (
-        f"search best: the {won} baseline ({describe_recipe(recipe, experts)})"
+        f"{picked}: the {won} baseline ({describe_recipe(recipe, experts)})"
         if won
-        else f"search best: dare_ties {describe_recipe(recipe, experts)}"
+        else f"{picked}: dare_ties {describe_recipe(recipe, experts)}"
     ) + f"; {summary['trials']} trials, {summary['seconds'] / 60:.1f} min"
-    return Row("evolved", out / "model", how, "merge", summary["seconds"]), summary
+    rows = [Row("evolved", out / "model", how, "merge", summary["seconds"])]
+    if validated and summary["search_best_trial"] != summary["best_trial"]:
+        # what the search score alone would have picked in the same study, for comparison
+        alone = yaml.safe_load(summary["search_best_recipe"])
+        folder_alone, seconds = merge("evolved-search-best", alone, root / "merges", args.device)
+        rows.append(
+            Row(
+                "evolved, search best",
+                folder_alone,
+                f"the same study's best search score (trial {summary['search_best_trial']}), not chosen on "
+                f"validation: {describe_recipe(alone, experts)}",
+                "merge",
+                seconds,
+            )
+        )
+    return rows, summary
+
+
+def validation_line(evolved: dict[str, Any], args: argparse.Namespace) -> str:
+    """How the validation split chose the final recipe, for the table's preamble ('' without one)."""
+    validated = evolved.get("validation") or {}
+    if not validated:
+        return ""
+    scores = ", ".join(f"trial {k} {v:.3f}" for k, v in validated.items())
+    same = evolved["search_best_trial"] == evolved["best_trial"]
+    return (
+        f"; chosen on a validation split ({args.validation_items} more items per skill, in the same file) "
+        f"among the {len(validated)} best trials by search score ({scores}): "
+        + (
+            "the best search score too"
+            if same
+            else f"not the best search score (trial {evolved['search_best_trial']})"
+        )
+    )
 
 
 def describe_recipe(recipe: dict[str, Any], experts: list[Path]) -> str:
@@ -554,8 +616,8 @@ def family(
         rows.append(Row(name, folder, how, "merge", seconds))
     extra: dict[str, Any] = {}
     if with_evolve:
-        row, extra = evolve(base, experts, splits, args, root / "evolve")
-        rows.append(row)
+        evolved_rows, extra = evolve(base, experts, splits, args, root / "evolve")
+        rows.extend(evolved_rows)
     scores = {}
     for row in rows:
         scores[row.name] = scorer.score(row.folder)
@@ -586,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
             search=args.search_items,
             report=args.report_items,
             seed=args.seed,
+            validation=args.validation_items,
         )
         for name in args.skills
     }
@@ -715,6 +778,7 @@ def section(
             f"{evolved['merge_seconds_mean']:.1f} s, eval {evolved['eval_seconds_mean']:.1f} s per trial); "
             f"best trial {evolved['best_trial']}"
             + (f" (the {evolved['best_is_baseline']} baseline)" if evolved["best_is_baseline"] else "")
+            + validation_line(evolved, args)
         )
     lines += ["", table(rows, scores, args.skills), ""]
     lines += [f"- {line}" for line in findings(rows, scores, args.skills, args.report_items)]

@@ -225,6 +225,8 @@ def example_search(base: str, others: Sequence[str], data: str) -> str:
         f"  data: {data}\n"
         "  search_size: 8\n"
         "  report_size: 8\n"
+        "  validation_size: 8       # optional: the final recipe is the best of the finalists on these\n"
+        "  finalists: 3\n"
         "  block_size: 32\n"
         "budget: {trials: 4}\n"
         "baselines: [linear, ties]\n"

@@ -18,6 +18,7 @@ import logging
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bot.cards import build_context, render_card
 from bot.credentials import UserCredential
@@ -30,6 +31,9 @@ from bot.worker import READ_BYTES_PER_S, hub_repo, preflight
 from engine import MergeConfig, MergeError, MergeOptions, RecipeError, build_plan, load_recipe
 from engine.check import Audit, audit_models
 from engine.run import OpenModels
+
+if TYPE_CHECKING:
+    from engine.evolve.spec import Evaluation
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,15 @@ class SearchCheck:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def _validation_note(evaluation: Evaluation) -> str:
+    if not evaluation.validation_size:
+        return ""
+    return (
+        f"; the final recipe is the best of the {evaluation.finalists} best trials "
+        f"on {evaluation.validation_size} validation items"
+    )
 
 
 def _valid_name(name: str) -> str | None:
@@ -300,7 +313,7 @@ class SpaceService:
             dimensions=tuple(searched_dimensions(spec)),
             trials=spec.budget.trials or 0,
             baselines=tuple(spec.baselines),
-            evaluation=f"{spec.evaluation.kind} on `{data_ref}`",
+            evaluation=f"{spec.evaluation.kind} on `{data_ref}`" + _validation_note(spec.evaluation),
             destination=destination,
         )
 
