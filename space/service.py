@@ -85,8 +85,8 @@ def _validation_note(evaluation: Evaluation) -> str:
     if not evaluation.validation_size:
         return ""
     return (
-        f"; the final recipe is the best of the {evaluation.finalists} best trials "
-        f"on {evaluation.validation_size} validation items"
+        f"; the final recipe is the best of the {evaluation.finalists} best search trials and the "
+        f"baselines on {evaluation.validation_size} validation items"
     )
 
 

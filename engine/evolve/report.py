@@ -111,8 +111,8 @@ def _validation_lines(result: SearchResult) -> list[str]:
         "",
         "## Choosing the final recipe",
         "",
-        f"The {len(result.validation)} best trials by search score, scored again on the validation split "
-        "(items neither the search nor the held-out split uses); the best there is `recipe.yml`.",
+        "The best search trials and the baselines, scored again on the validation split (items neither "
+        "the search nor the held-out split uses); the best there is `recipe.yml`.",
         "",
         "| search rank | trial | search split | validation split | |",
         "|---|---|---|---|---|",

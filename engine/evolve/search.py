@@ -411,23 +411,38 @@ def choose_final(
 ) -> tuple[TrialRecord, dict[int, float]]:
     """The recipe a search ends with, and each finalist's validation score.
 
-    Without ``validate`` it is the best search score. With it, the ``finalists`` best trials by
-    search score are scored again on the validation split and the best there wins; a tie goes
-    to the better search score. The search score of the best trial is biased upward (it was
-    picked for being high on the very items it is measured on); fresh items are not.
+    Without ``validate`` it is the best search score. With it, the ``finalists`` best search
+    trials by search score, and each baseline, are scored again on the validation split and the best there
+    wins; a tie goes to the better search score. The search score of the best trial is biased
+    upward (it was picked for being high on the very items it is measured on); fresh items are
+    not. The baselines compete whatever their search score: a search that only fits its split's
+    items then loses to the plain recipes it was meant to beat.
     """
     ranked = ranked_trials(records, direction)
     if validate is None:
         return ranked[0], {}
+    seen_baselines: set[str] = set()
+    searched = 0
+    candidates = []
+    for record in ranked:
+        if record.baseline is None:
+            searched += 1
+            if searched > finalists:
+                continue
+        elif record.baseline in seen_baselines:
+            continue
+        else:
+            seen_baselines.add(record.baseline)
+        candidates.append(record)
     sign = 1.0 if direction == "minimize" else -1.0
-    scores = {record.number: validate(record) for record in ranked[:finalists]}
+    scores = {record.number: validate(record) for record in candidates}
 
     def worse_first(item: tuple[int, TrialRecord]) -> tuple[bool, float, int]:
         rank, record = item
         value = scores[record.number]
         return (not math.isfinite(value), sign * value if math.isfinite(value) else 0.0, rank)
 
-    _, chosen = min(enumerate(ranked[:finalists]), key=worse_first)
+    _, chosen = min(enumerate(candidates), key=worse_first)
     return chosen, scores
 
 

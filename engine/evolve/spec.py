@@ -18,8 +18,8 @@ and line::
 
 The data is shuffled with the seed and cut into disjoint splits: ``search_size`` items score every
 trial, ``report_size`` are held out for the report, and an optional ``validation_size`` (default
-0) re-scores the ``finalists`` (default 5) best trials to choose the final recipe, so a recipe that
-only fits the search split's items does not win on them alone.
+0) re-scores the ``finalists`` (default 5) best search trials and the baselines to choose the final
+recipe, so a recipe that only fits the search split's items does not win on them alone.
 
 Evaluations (see :mod:`engine.evolve.evaluate`): ``perplexity`` on a text file, ``exact_match`` or
 ``loglikelihood`` on a JSONL file of prompt/answer items, or ``lm_eval`` with lm-evaluation-harness
@@ -84,8 +84,8 @@ class Evaluation(_Strict):
     data: str | None = Field(default=None, min_length=1)
     search_size: int = Field(gt=0)  # lm_eval: documents per task
     report_size: int = Field(gt=0)
-    # Items scored only to choose the final recipe among the `finalists` best trials by search
-    # score (0: the best search score wins); disjoint from both other splits.
+    # Items scored only to choose the final recipe among the `finalists` best search trials and
+    # the baselines (0: the best search score wins); disjoint from both other splits.
     validation_size: int = Field(default=0, ge=0)
     finalists: int = Field(default=5, ge=1)
     block_size: int = Field(default=128, ge=2)  # perplexity: tokens per scored block

@@ -108,10 +108,10 @@ def test_evolve_from_a_discussion_publishes_the_best_merge_with_its_history(
     readme = Path(world.alice.hf_hub_download(repo, "README.md", local_dir=tmp_path)).read_text()
     assert "## Search history" in readme and "2 search trials and 1 baseline," in readme
     assert "| baseline: linear |" in readme and "best (this model)" in readme
-    assert "It was chosen among the 2 best trials by search score" in readme
+    assert "It was chosen among the best search trials and the baselines (3 finalists)" in readme
     chosen = readme.split("It was chosen among", 1)[1].split("| recipe |", 1)[0]
     finalists = [line for line in chosen.splitlines() if re.match(r"\| (trial \d+|baseline: linear)", line)]
-    assert len(finalists) == 2 and sum("(this model)" in line for line in finalists) == 1
+    assert len(finalists) == 3 and sum("(this model)" in line for line in finalists) == 1
     assert "weight ft-mit" in readme and "![score against trial](score_vs_trial.png)" in readme
     assert "evolutionary-merge" in readme and str(server.bot.settings.data_dir) not in readme
     recipe = load_recipe(

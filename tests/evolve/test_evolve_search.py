@@ -110,8 +110,10 @@ def test_a_validation_split_chooses_among_the_finalists(
     again = run_search(validated, str(target), storage=default_storage(str(out)))
     assert again is not None and len(again.trials) == len(result.trials)  # the budget was spent: no trial ran
 
-    finalists = [r.number for r in ranked_trials(list(result.trials), "minimize")[:3]]
-    assert list(again.validation) == finalists
+    ranked = ranked_trials(list(result.trials), "minimize")
+    searched = [r.number for r in ranked if r.baseline is None][:3]
+    finalists = [r.number for r in ranked if r.baseline is not None or r.number in searched]
+    assert list(again.validation) == finalists and len(finalists) == 5  # the 3 best trials and 2 baselines
     chosen = min(finalists, key=lambda n: (again.validation[n], finalists.index(n)))
     assert again.best.number == chosen and (target / "recipe.yml").read_text() == again.best.recipe
     model = AutoModelForCausalLM.from_pretrained(target / "model", dtype=torch.bfloat16)
@@ -129,14 +131,27 @@ def record(number: int, score: float, baseline: str | None = None) -> TrialRecor
 
 
 def test_choose_final_takes_the_finalist_best_on_validation() -> None:
-    records = [record(0, 0.5, "linear"), record(1, 0.9), record(2, 0.8), record(3, 0.7), record(4, 0.9)]
-    assert choose_final(records, "maximize", 3, None) == (records[1], {})  # the earlier of a tie
-    held = {1: 0.6, 4: 0.7, 2: 0.7, 3: 1.0, 0: 1.0}
+    records = [
+        record(0, 0.5, "linear"),
+        record(1, 0.9),
+        record(2, 0.8),
+        record(3, 0.7),
+        record(4, 0.9),
+        record(5, 0.95, "ties"),
+    ]
+    assert choose_final(records, "maximize", 3, None) == (records[5], {})
+    assert choose_final(records[:5], "maximize", 3, None) == (records[1], {})  # the earlier of a tie
+    held = {5: 0.1, 1: 0.6, 4: 0.7, 2: 0.7, 3: 1.0, 0: 0.5}
     best, scores = choose_final(records, "maximize", 3, lambda r: held[r.number])
-    assert scores == {1: 0.6, 4: 0.7, 2: 0.7} and list(scores) == [1, 4, 2]  # trial 3 is not a finalist
+    # the 3 best search trials and every baseline, in search order; trial 3 is not a finalist
+    assert list(scores) == [5, 1, 4, 2, 0] and scores[0] == 0.5
     assert best.number == 4  # a validation tie goes to the better search rank
-    best, _ = choose_final(records, "maximize", 5, lambda r: math.nan if r.number == 3 else held[r.number])
-    assert best.number == 0  # a failed validation score never wins; a baseline may
+    best, _ = choose_final(records, "maximize", 1, lambda r: {**held, 0: 0.9}[r.number])
+    assert best.number == 0  # a baseline far down the search ranking still competes, and wins here
+    best, _ = choose_final(
+        records, "maximize", 4, lambda r: math.nan if r.number == 3 else {**held, 0: 0.0}[r.number]
+    )
+    assert best.number == 4  # a failed validation score never wins
     lower = [record(0, 3.0), record(1, 2.0), record(2, 2.5)]
     best, scores = choose_final(lower, "minimize", 2, lambda r: {1: 9.0, 2: 4.0}[r.number])
     assert best.number == 2 and list(scores) == [1, 2]

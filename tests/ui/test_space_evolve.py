@@ -86,7 +86,7 @@ def test_check_lists_the_searched_parameters_or_every_problem(stack: DemoStack, 
     )
     shown = search_check_markdown(ok)
     assert "Ready to search" in shown and "| 3 | density tiny-math |" in shown and "perplexity on" in shown
-    assert "the final recipe is the best of the 3 best trials on 8 validation items" in shown
+    assert "the best of the 3 best search trials and the baselines on 8 validation items" in shown
 
     broken = example.replace(f"base_model: {stack.models[0]}", f"base_model: {UNTOKENIZED}")
     broken = broken.replace("eval-text/eval.txt", "eval-text/missing.txt")
@@ -124,5 +124,5 @@ def test_the_example_runs_in_the_queue_with_trial_progress_and_lands_in_the_user
     readme = Path(api.hf_hub_download(f"{DEMO_USER}/evolved", "README.md", local_dir=tmp_path)).read_text()
     assert "## Search history" in readme and token not in readme
     assert "3 search trials and 1 baseline" in readme and "demo-lab/eval-text@" in readme
-    assert "It was chosen among the 3 best trials by search score" in readme
+    assert "It was chosen among the best search trials and the baselines (4 finalists)" in readme
     assert "weight tiny-math" in readme and "base_model:" in readme
