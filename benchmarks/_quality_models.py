@@ -93,7 +93,7 @@ def build_base(gguf: Path, out: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.bfloat16
-    model = LlamaForCausalLM(config)
+    model: Any = LlamaForCausalLM(config)  # transformers types .to() as a decorator's wrapper
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
         raise SystemExit(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
@@ -124,7 +124,8 @@ def build_tiny_base(tokenizer_folder: Path, out: Path, *, seed: int) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model: Any = LlamaForCausalLM(config)
+    model = model.to(torch.bfloat16)
     _save(model, tokenizer, out)
     mark_complete(out, settings)
 
@@ -175,7 +176,8 @@ def fine_tune(
     tokenizer = AutoTokenizer.from_pretrained(base)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = model.to(device)
     model.train()
     examples = []
     for item in items:

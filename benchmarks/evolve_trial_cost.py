@@ -54,7 +54,7 @@ SHAPES: dict[str, Shape] = {
 
 def recipe(models: dict[str, Path], rng: random.Random, method: str) -> MergeConfig:
     """A merge of two fine-tunes with fresh coefficients (what a trial would ask for)."""
-    tunes = [
+    tunes: list[dict[str, Any]] = [
         {"model": str(models[name]), "parameters": {"weight": rng.uniform(0.2, 1.0)}}
         for name in ("ft1", "ft2")
     ]

@@ -273,7 +273,8 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
             rows = tuple(
                 ModelRow(r.model, {k: v for k, v in r.params.items() if k in keep}) for r in old.models
             )
-            form = MergeForm(m, b or None, rows, {p.name: p.default for p in shared_params(m)}, d)
+            defaults = {p.name: p.default for p in shared_params(m) if p.default is not None}
+            form = MergeForm(m, b or None, rows, defaults, d)
             if spec.needs_base and not b:
                 form = MergeForm(m, base_example, rows, form.shared, d)
             return [*show_form(form)[1:], form_to_yaml(form) if rows else gr.skip(), ""]
