@@ -133,8 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     if result is not None:
+        validated = (
+            f", {result.validation[result.best.number]:.6g} on the validation split "
+            f"(the best of {len(result.validation)} finalists)"
+            if result.validation
+            else ""
+        )
         print(
-            f"best: trial {result.best.number}, {result.metric} {result.best.score:.6g} on the search split, "
-            f"{result.held_out['best']:.6g} held out; wrote {', '.join(result.files)}"
+            f"best: trial {result.best.number}, {result.metric} {result.best.score:.6g} on the search split"
+            f"{validated}, {result.held_out['best']:.6g} held out; wrote {', '.join(result.files)}"
         )
     return 0

@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from tiny_models import Family
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -124,6 +125,22 @@ def test_a_validation_split_chooses_among_the_finalists(
     report = (target / "REPORT.md").read_text()
     assert "validation split 6" in report and "## Choosing the final recipe" in report
     assert sum("**chosen**" in line for line in report.splitlines()) == 1
+
+
+def test_the_cli_names_the_validation_pick(
+    finished: tuple[SearchSpec, Path, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec, out, _ = finished
+    data = spec.model_dump(mode="json", exclude_defaults=True)
+    data["evaluation"].update(validation_size=6, finalists=3)
+    path = tmp_path / "validated.yml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    assert (
+        mergebot_main(["evolve", str(path), str(tmp_path / "out"), "--storage", default_storage(str(out))])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "on the validation split (the best of 5 finalists)" in printed and "held out" in printed
 
 
 def record(number: int, score: float, baseline: str | None = None) -> TrialRecord:
