@@ -403,6 +403,14 @@ def _evaluation_problems(
     evaluation: Evaluation, *, on_disk: bool = True
 ) -> list[tuple[tuple[Any, ...], str]]:
     problems: list[tuple[tuple[Any, ...], str]] = []
+    if "finalists" in evaluation.model_fields_set and not evaluation.validation_size:
+        problems.append(
+            (
+                ("evaluation", "finalists"),
+                "only used with a validation split; give `validation_size` (items to choose the final "
+                "recipe on) or remove `finalists`",
+            )
+        )
     data = evaluation.data
     if evaluation.kind != "lm_eval":
         if data is None:

@@ -92,6 +92,19 @@ def test_missing_models_data_and_required_parameters_are_reported(
     assert "ties needs `weight`" in found  # required and neither searched nor fixed
 
 
+def test_finalists_need_a_validation_split(
+    llama_family: Family, write_search: Any, eval_data: dict[str, Path]
+) -> None:
+    section = {"kind": "perplexity", "data": str(eval_data["text"]), "search_size": 2, "report_size": 2}
+    found = "\n".join(problems(write_search(llama_family, evaluation={**section, "finalists": 3})))
+    assert "evaluation.finalists" in found and "give `validation_size`" in found
+    spec = load_search(
+        write_search(llama_family, evaluation={**section, "validation_size": 2, "finalists": 3})
+    )
+    assert (spec.evaluation.validation_size, spec.evaluation.finalists) == (2, 3)
+    assert load_search(write_search(llama_family, evaluation=section)).evaluation.finalists == 5
+
+
 def test_bad_yaml_says_where(tmp_path: Path) -> None:
     path = tmp_path / "bad.yml"
     path.write_text("method: ties\nmodels: [a, b\n", encoding="utf-8")
