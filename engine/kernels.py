@@ -165,6 +165,50 @@ if HAVE_NUMBA:
         return counts
 
     @njit(nogil=True, cache=True)
+    def _sampled_high_histogram(model: Any, base: Any, n: int, blocks: int, block: int) -> Any:
+        # ``blocks`` runs of ``block`` entries spread evenly over the tensor: contiguous runs
+        # read whole cache lines, where a stride would pull in most of the tensor
+        counts = np.zeros(HIGH_BINS, np.int64)
+        step = n // blocks
+        for j in range(blocks):
+            start = j * step
+            end = min(start + block, n)
+            part_model, part_base = model[start:end], base[start:end]
+            for i in range(end - start):
+                bits = _bits_from_float(load(part_model, i) - load(part_base, i)) & np.uint32(0x7FFFFFFF)
+                counts[bits >> np.uint32(16)] += 1
+        return counts
+
+    @njit(nogil=True, cache=True)
+    def _magnitude_high_gather(
+        model: Any, base: Any, start: int, end: int, low_bin: int, span: int, gathered: Any
+    ) -> Any:
+        # the high histogram, and (without a branch, as below) the patterns whose high bin is in
+        # [low_bin, low_bin + span]: the unsigned difference wraps for bins under low_bin
+        counts = np.zeros(HIGH_BINS, np.int64)
+        model, base = model[start:end], base[start:end]
+        found = 0
+        for i in range(end - start):
+            bits = _bits_from_float(load(model, i) - load(base, i)) & np.uint32(0x7FFFFFFF)
+            high = bits >> np.uint32(16)
+            counts[high] += 1
+            gathered[found] = bits
+            found += (high - np.uint32(low_bin)) <= np.uint32(span)
+        return counts, found
+
+    @njit(nogil=True, cache=True)
+    def _gathered_low_histogram(gathered: Any, high: int, counts: Any) -> Any:
+        counts[:] = 0
+        for i in range(gathered.shape[0]):
+            bits = gathered[i]
+            counts[i & 3, bits & np.uint32(0xFFFF)] += (bits >> np.uint32(16)) == high
+        total = np.zeros(LOW_BINS, np.int64)
+        for c in range(4):
+            for b in range(LOW_BINS):
+                total[b] += counts[c, b]
+        return total
+
+    @njit(nogil=True, cache=True)
     def _magnitude_low_histogram(
         model: Any, base: Any, start: int, end: int, high: int, gathered: Any, counts: Any
     ) -> Any:
@@ -594,6 +638,28 @@ def magnitude_histograms(
     model: np.ndarray[Any, Any], base: np.ndarray[Any, Any], start: int, end: int
 ) -> Any:
     return _magnitude_high_histogram(model, base, start, end)
+
+
+def sampled_high_histogram(
+    model: np.ndarray[Any, Any], base: np.ndarray[Any, Any], n: int, blocks: int, block: int
+) -> Any:
+    """The high histogram of ``|model - base|`` over ``blocks`` evenly spaced runs of ``block`` entries."""
+    return _sampled_high_histogram(model, base, n, blocks, block)
+
+
+def magnitude_high_gather(
+    model: np.ndarray[Any, Any], base: np.ndarray[Any, Any], start: int, end: int, low_bin: int, high_bin: int
+) -> tuple[Any, np.ndarray[Any, Any]]:
+    """A slice's high histogram, and the bit patterns (a fresh array) of its entries in bins [low_bin, high_bin]."""
+    gathered = scratch("gathered bits", end - start, np.uint32)
+    counts, found = _magnitude_high_gather(model, base, start, end, low_bin, high_bin - low_bin, gathered)
+    return counts, gathered[:found].copy()
+
+
+def gathered_low_histogram(gathered: np.ndarray[Any, Any], high: int) -> Any:
+    """The low histogram of the gathered patterns whose high bin is ``high``."""
+    counts = scratch("low counts", 4 * LOW_BINS, np.int32).reshape(4, LOW_BINS)
+    return _gathered_low_histogram(gathered, high, counts)
 
 
 def magnitude_low_histogram(

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import kernels
-from engine.methods import METHODS
+from engine.methods import METHODS, task_arithmetic
 from engine.methods.base import MergeCall
 from engine.methods.sparsify import DRAW_BLOCK, della_magprune, topk_cut, uniform_draws
 from engine.methods.task_arithmetic import _kernel_cut, _merge_rows, sparse_merge_by_slices
@@ -47,17 +47,16 @@ def _reference_cut(model: torch.Tensor, base: torch.Tensor, k: int) -> tuple[flo
     return topk_cut(magnitudes, k)
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    n=st.integers(2, 3000),
-    fraction=st.floats(0.0, 1.0),
-    zeros=st.floats(0.0, 0.9),
-    scale=st.sampled_from([1e-3, 1.0, 1e4]),
-    seed=st.integers(0, 2**16),
-)
-def test_radix_cut_is_the_exact_topk_cut(
-    n: int, fraction: float, zeros: float, scale: float, seed: int
-) -> None:
+CUT_CASES = {
+    "n": st.integers(2, 3000),
+    "fraction": st.floats(0.0, 1.0),
+    "zeros": st.floats(0.0, 0.9),
+    "scale": st.sampled_from([1e-3, 1.0, 1e4]),
+    "seed": st.integers(0, 2**16),
+}
+
+
+def _check_cut(n: int, fraction: float, zeros: float, scale: float, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     base = torch.randn(n, generator=generator).bfloat16()
     delta = torch.randn(n, generator=generator) * scale * 0.01
@@ -73,6 +72,57 @@ def test_radix_cut_is_the_exact_topk_cut(
     theirs = (a > threshold) | ((a == threshold) & (positions <= last_tie))
     assert torch.equal(ours, theirs)
     assert int(ours.sum()) == k
+
+
+@settings(max_examples=40, deadline=None)
+@given(**CUT_CASES)
+def test_radix_cut_is_the_exact_topk_cut(
+    n: int, fraction: float, zeros: float, scale: float, seed: int
+) -> None:
+    _check_cut(n, fraction, zeros, scale, seed)
+
+
+@settings(max_examples=40, deadline=None)
+@given(**CUT_CASES, miss=st.booleans())
+def test_the_sampled_cut_is_exact_whether_its_guess_holds_or_not(
+    n: int, fraction: float, zeros: float, scale: float, seed: int, miss: bool
+) -> None:
+    # small tensors, in several slices, take the path of large ones: a sampled window, gathered
+    # patterns counted instead of a second read, or (a missed guess) the second read after all
+    gathered = []
+    real = kernels.gathered_low_histogram
+
+    def counting(bits: np.ndarray, high: int) -> np.ndarray:
+        gathered.append(bits)
+        return real(bits, high)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(task_arithmetic, "SAMPLE_MIN", 0)
+        patch.setattr(task_arithmetic, "PASS1_SLICE", 97)
+        patch.setattr(task_arithmetic, "SAMPLE_BLOCKS", 8)
+        patch.setattr(task_arithmetic, "SAMPLE_BLOCK", 16)
+        patch.setattr(kernels, "gathered_low_histogram", counting)
+        if miss:  # a window of one empty bin far from any cut: the first pass finds another bin
+            patch.setattr(task_arithmetic, "_sampled_window", lambda *args: (0x7F7F, 0x7F7F))
+        _check_cut(n, fraction, zeros, scale, seed)
+    if miss:
+        assert not gathered
+
+
+def test_a_large_cut_counts_the_gathered_patterns_instead_of_reading_twice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    n = (1 << 20) + 12_345  # over SAMPLE_MIN, in two slices
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(n, generator=generator).bfloat16()
+    model = (base.float() + torch.randn(n, generator=generator) * 0.01).bfloat16()
+    second_reads = []
+    monkeypatch.setattr(kernels, "magnitude_low_histogram", lambda *args: second_reads.append(args))
+    for fraction in (0.1, 0.5, 0.9):
+        k = int(fraction * n)
+        cut, _, _ = _kernel_cut(kernels.as_array(model), kernels.as_array(base), n, k, sums=False)
+        assert (cut.threshold, cut.last_tie) == _reference_cut(model, base, k)
+    assert not second_reads  # the sample's window held the cut each time
 
 
 def _call(

@@ -359,14 +359,20 @@ def _sparse_merge_torch(call: MergeCall, sparsifier: Sparsifier, consensus: Cons
 PASS1_SLICE = 1 << 20  # elements per histogram pass job: streaming, so larger than SLICE
 
 
-def _kernel_cut(model: np.ndarray, base: np.ndarray, n: int, k: int, sums: bool) -> tuple[_Cut, float, float]:
+def _kernel_cut(
+    model: np.ndarray, base: np.ndarray, n: int, k: int, sums: bool, sample: np.ndarray | None = None
+) -> tuple[_Cut, float, float]:
     """The exact top-k cut of ``|model - base|`` by a radix selection on the float32 bit patterns.
 
     For non-negative floats the bit pattern orders like the value, so two histogram passes
     (the 15 high bits, then the 16 low bits inside the bin that holds the k-th largest) give
-    the exact k-th largest value, in linear time and constant memory. Ties at the cut are
+    the exact k-th largest value, in linear time and constant memory. For large tensors a
+    sample guesses the bins the cut can fall in, and the first pass also gathers those
+    entries' patterns, so the second counts them instead of reading the tensors again; when
+    the guess misses, the second pass reads them as before (the cut is exact either way). Ties at the cut are
     broken by position, as ``sparsify.topk_cut`` does, with one more pass when needed.
     With ``sums``, also the L1 norms of the whole task vector and of the kept entries.
+    ``sample``: :func:`magnitude_sample` of the same model, when the caller has it already.
     """
     starts = range(0, n, PASS1_SLICE)
 
@@ -383,11 +389,28 @@ def _kernel_cut(model: np.ndarray, base: np.ndarray, n: int, k: int, sums: bool)
                 )
             )
         return (NOTHING, total, 0.0) if k <= 0 else (EVERYTHING, total, total)
-    high = _summed(map_on_cores(lambda s: kernels.magnitude_histograms(model, base, *bounds(s)), starts))
+    if sample is None:
+        sample = magnitude_sample(model, base, n)
+    window = None if sample is None else _sampled_window(sample, n, k)
+    if window is None:
+        high = _summed(map_on_cores(lambda s: kernels.magnitude_histograms(model, base, *bounds(s)), starts))
+        gathered = None
+    else:
+        parts = map_on_cores(
+            lambda s: kernels.magnitude_high_gather(model, base, *bounds(s), *window), starts
+        )
+        high = _summed([counts for counts, _ in parts])
+        gathered = [bits for _, bits in parts]
+        del parts
     high_bin, above = _bin_of_kth(high, k)
-    low_parts = map_on_cores(
-        lambda s: kernels.magnitude_low_histogram(model, base, *bounds(s), high_bin), starts
-    )
+    if gathered is not None and window is not None and window[0] <= high_bin <= window[1]:
+        # the sample's guess held: the low pass counts what the first pass gathered
+        low_parts = map_on_cores(lambda bits: kernels.gathered_low_histogram(bits, high_bin), gathered)
+    else:
+        low_parts = map_on_cores(
+            lambda s: kernels.magnitude_low_histogram(model, base, *bounds(s), high_bin), starts
+        )
+    del gathered
     low = _summed(low_parts)
     low_bin, above_low = _bin_of_kth(low, k - above)
     above += above_low
@@ -412,13 +435,48 @@ def _kernel_cut(model: np.ndarray, base: np.ndarray, n: int, k: int, sums: bool)
     return _Cut(threshold, last_tie), total, kept
 
 
+SAMPLE_MIN = PASS1_SLICE  # smaller tensors take the two passes: guessing would not pay
+SAMPLE_BLOCKS, SAMPLE_BLOCK = 16, 4096
+MAX_GATHERED = 0.5  # a window holding more of the sample than this is not gathered
+
+
+def magnitude_sample(model: np.ndarray, base: np.ndarray, n: int) -> np.ndarray | None:
+    """The high histogram of a sample of ``|model - base|``; None for a tensor too small to sample."""
+    if n < SAMPLE_MIN:
+        return None
+    return kernels.sampled_high_histogram(model, base, n, SAMPLE_BLOCKS, SAMPLE_BLOCK)
+
+
+def _sampled_window(counts: np.ndarray, n: int, k: int) -> tuple[int, int] | None:
+    """The high bins the k-th largest magnitude very likely lies in, from a sample; None: no guess.
+
+    The window spans the sample's quantiles four standard errors either side of k/n (the
+    entries of bf16 deltas crowd into few bins, so it is often a single bin).
+    """
+    m = int(counts.sum())
+    q = k / n
+    margin = 4.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m
+    top_rank = min(m, max(1, math.floor((q - margin) * m)))
+    bottom_rank = min(m, max(1, math.ceil((q + margin) * m)))
+    high_bin, _ = _bin_of_kth(counts, top_rank)
+    low_bin, _ = _bin_of_kth(counts, bottom_rank)
+    if counts[low_bin : high_bin + 1].sum() > MAX_GATHERED * m:
+        return None
+    return low_bin, high_bin
+
+
 def _kernel_keep(
-    model: np.ndarray, base: np.ndarray, n: int, ranks: tuple[int, int] | None, rescale: bool
+    model: np.ndarray,
+    base: np.ndarray,
+    n: int,
+    ranks: tuple[int, int] | None,
+    rescale: bool,
 ) -> _Keep:
     if ranks is None:
         return _Keep("all")
-    top, total, top_sum = _kernel_cut(model, base, n, ranks[0], rescale)
-    drop, _, drop_sum = _kernel_cut(model, base, n, ranks[1], rescale)
+    sample = magnitude_sample(model, base, n)  # one for both cuts
+    top, total, top_sum = _kernel_cut(model, base, n, ranks[0], rescale, sample)
+    drop, _, drop_sum = _kernel_cut(model, base, n, ranks[1], rescale, sample)
     return _Keep("magnitude", l1_scale(total, top_sum - drop_sum) if rescale else 1.0, top, drop)
 
 
