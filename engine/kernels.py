@@ -656,6 +656,15 @@ def magnitude_high_gather(
     return counts, gathered[:found].copy()
 
 
+def magnitude_high_low_histograms(
+    model: np.ndarray[Any, Any], base: np.ndarray[Any, Any], start: int, end: int, high_bin: int
+) -> tuple[Any, Any]:
+    """A slice's high histogram, and the low histogram of its entries in bin ``high_bin``, in one read."""
+    gathered = scratch("gathered bits", end - start, np.uint32)
+    counts, found = _magnitude_high_gather(model, base, start, end, high_bin, 0, gathered)
+    return counts, gathered_low_histogram(gathered[:found], high_bin)
+
+
 def gathered_low_histogram(gathered: np.ndarray[Any, Any], high: int) -> Any:
     """The low histogram of the gathered patterns whose high bin is ``high``."""
     counts = scratch("low counts", 4 * LOW_BINS, np.int32).reshape(4, LOW_BINS)

@@ -82,31 +82,48 @@ def test_radix_cut_is_the_exact_topk_cut(
     _check_cut(n, fraction, zeros, scale, seed)
 
 
-@settings(max_examples=40, deadline=None)
-@given(**CUT_CASES, miss=st.booleans())
+@settings(max_examples=60, deadline=None)
+@given(**CUT_CASES, guess=st.sampled_from(["sampled", "missed", "wide"]))
 def test_the_sampled_cut_is_exact_whether_its_guess_holds_or_not(
-    n: int, fraction: float, zeros: float, scale: float, seed: int, miss: bool
+    n: int, fraction: float, zeros: float, scale: float, seed: int, guess: str
 ) -> None:
-    # small tensors, in several slices, take the path of large ones: a sampled window, gathered
-    # patterns counted instead of a second read, or (a missed guess) the second read after all
-    gathered = []
-    real = kernels.gathered_low_histogram
+    # Small tensors, in several slices, take the path of large ones: a window of bins guessed
+    # from a sample, counted in the first pass (one bin) or gathered and counted after it
+    # (several); when the guess misses, the second pass reads the tensors after all.
+    second_reads = []
+    real_low = kernels.magnitude_low_histogram
 
-    def counting(bits: np.ndarray, high: int) -> np.ndarray:
-        gathered.append(bits)
-        return real(bits, high)
+    def counting(*args: object) -> np.ndarray:
+        second_reads.append(args)
+        return real_low(*args)  # type: ignore[arg-type]
 
+    def around_the_cut(sample: np.ndarray, size: int, k: int) -> tuple[int, int]:
+        magnitudes = (model.float() - base.float()).abs()
+        threshold, _ = topk_cut(magnitudes, k)
+        true_bin = int(np.float32(threshold).view(np.uint32)) >> 16
+        return max(0, true_bin - 1), true_bin + 2
+
+    # the tensors _check_cut draws from the same seed, for around_the_cut
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=generator).bfloat16()
+    delta = torch.randn(n, generator=generator) * scale * 0.01
+    delta[torch.rand(n, generator=generator) < zeros] = 0.0
+    model = (base.float() + delta).bfloat16()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(task_arithmetic, "SAMPLE_MIN", 0)
         patch.setattr(task_arithmetic, "PASS1_SLICE", 97)
         patch.setattr(task_arithmetic, "SAMPLE_BLOCKS", 8)
         patch.setattr(task_arithmetic, "SAMPLE_BLOCK", 16)
-        patch.setattr(kernels, "gathered_low_histogram", counting)
-        if miss:  # a window of one empty bin far from any cut: the first pass finds another bin
+        patch.setattr(kernels, "magnitude_low_histogram", counting)
+        if guess == "missed":  # one empty bin far from any cut: the first pass finds another
             patch.setattr(task_arithmetic, "_sampled_window", lambda *args: (0x7F7F, 0x7F7F))
+        if guess == "wide":
+            patch.setattr(task_arithmetic, "_sampled_window", around_the_cut)
         _check_cut(n, fraction, zeros, scale, seed)
-    if miss:
-        assert not gathered
+    if guess == "missed":
+        assert second_reads
+    if guess == "wide":
+        assert not second_reads
 
 
 def test_a_large_cut_counts_the_gathered_patterns_instead_of_reading_twice(

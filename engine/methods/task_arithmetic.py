@@ -392,25 +392,33 @@ def _kernel_cut(
     if sample is None:
         sample = magnitude_sample(model, base, n)
     window = None if sample is None else _sampled_window(sample, n, k)
+    guessed_low: list[np.ndarray] | None = None  # one bin guessed: its low histograms, counted at once
+    gathered: list[np.ndarray] | None = None  # several: their patterns, counted once the bin is known
     if window is None:
         high = _summed(map_on_cores(lambda s: kernels.magnitude_histograms(model, base, *bounds(s)), starts))
-        gathered = None
+    elif window[0] == window[1]:
+        guess = window[0]
+        pairs = map_on_cores(
+            lambda s: kernels.magnitude_high_low_histograms(model, base, *bounds(s), guess), starts
+        )
+        high = _summed([counts for counts, _ in pairs])
+        guessed_low = [low for _, low in pairs]
     else:
         parts = map_on_cores(
             lambda s: kernels.magnitude_high_gather(model, base, *bounds(s), *window), starts
         )
         high = _summed([counts for counts, _ in parts])
         gathered = [bits for _, bits in parts]
-        del parts
     high_bin, above = _bin_of_kth(high, k)
-    if gathered is not None and window is not None and window[0] <= high_bin <= window[1]:
-        # the sample's guess held: the low pass counts what the first pass gathered
+    if guessed_low is not None and window is not None and high_bin == window[0]:
+        low_parts = guessed_low
+    elif gathered is not None and window is not None and window[0] <= high_bin <= window[1]:
         low_parts = map_on_cores(lambda bits: kernels.gathered_low_histogram(bits, high_bin), gathered)
-    else:
+    else:  # no guess, or the guess missed: read the tensors a second time
         low_parts = map_on_cores(
             lambda s: kernels.magnitude_low_histogram(model, base, *bounds(s), high_bin), starts
         )
-    del gathered
+    guessed_low = gathered = None
     low = _summed(low_parts)
     low_bin, above_low = _bin_of_kth(low, k - above)
     above += above_low
