@@ -367,9 +367,10 @@ def _kernel_cut(
     For non-negative floats the bit pattern orders like the value, so two histogram passes
     (the 15 high bits, then the 16 low bits inside the bin that holds the k-th largest) give
     the exact k-th largest value, in linear time and constant memory. For large tensors a
-    sample guesses the bins the cut can fall in, and the first pass also gathers those
-    entries' patterns, so the second counts them instead of reading the tensors again; when
-    the guess misses, the second pass reads them as before (the cut is exact either way). Ties at the cut are
+    sample guesses the bins the cut can fall in: one bin (the usual case for bf16 deltas) has
+    its low histogram counted in the first pass; several have their entries' patterns gathered
+    in it and counted after. Either way the tensors are read once; when the guess misses, the
+    second pass reads them again as before (the cut is exact either way). Ties at the cut are
     broken by position, as ``sparsify.topk_cut`` does, with one more pass when needed.
     With ``sums``, also the L1 norms of the whole task vector and of the kept entries.
     ``sample``: :func:`magnitude_sample` of the same model, when the caller has it already.
