@@ -156,12 +156,16 @@ if HAVE_NUMBA:
         return None
 
     @njit(nogil=True, cache=True)
-    def _magnitude_high_histogram(model: Any, base: Any, start: int, end: int) -> Any:
-        counts = np.zeros(HIGH_BINS, np.int64)
+    def _add_high_histogram(model: Any, base: Any, start: int, end: int, counts: Any) -> None:
         model, base = model[start:end], base[start:end]
         for i in range(end - start):
             bits = _bits_from_float(load(model, i) - load(base, i)) & np.uint32(0x7FFFFFFF)
             counts[bits >> np.uint32(16)] += 1
+
+    @njit(nogil=True, cache=True)
+    def _magnitude_high_histogram(model: Any, base: Any, start: int, end: int) -> Any:
+        counts = np.zeros(HIGH_BINS, np.int64)
+        _add_high_histogram(model, base, start, end, counts)
         return counts
 
     @njit(nogil=True, cache=True)
@@ -171,12 +175,7 @@ if HAVE_NUMBA:
         counts = np.zeros(HIGH_BINS, np.int64)
         step = n // blocks
         for j in range(blocks):
-            start = j * step
-            end = min(start + block, n)
-            part_model, part_base = model[start:end], base[start:end]
-            for i in range(end - start):
-                bits = _bits_from_float(load(part_model, i) - load(part_base, i)) & np.uint32(0x7FFFFFFF)
-                counts[bits >> np.uint32(16)] += 1
+            _add_high_histogram(model, base, j * step, min(j * step + block, n), counts)
         return counts
 
     @njit(nogil=True, cache=True)
