@@ -247,10 +247,10 @@ def search_history(
 ) -> SearchHistory:
     """The card's view of a finished search (pure)."""
     from engine.evolve import build_space
+    from engine.evolve.search import ranked_trials
 
     space = build_space(spec)
-    sign = 1.0 if result.direction == "minimize" else -1.0
-    ranked = sorted(result.trials, key=lambda r: (sign * r.score, r.number))[:TOP_TRIALS]
+    ranked = ranked_trials(result.trials, result.direction)[:TOP_TRIALS]
     rows = []
     for rank, record in enumerate(ranked, start=1):
         if record.baseline is not None:

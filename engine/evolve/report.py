@@ -44,8 +44,9 @@ def _evaluated_on(evaluation: Evaluation) -> str:
 
 def render_markdown(result: SearchResult, space: SearchSpace, spec: SearchSpec) -> str:
     """The report as Markdown."""
+    from engine.evolve.search import ranked_trials  # here: it is search that imports this module
+
     better = "lower" if result.direction == "minimize" else "higher"
-    sign = 1.0 if result.direction == "minimize" else -1.0
     searched = [r for r in result.trials if r.baseline is None]
     baselines = list({r.baseline: r for r in reversed(result.trials) if r.baseline is not None}.values())[
         ::-1
@@ -90,7 +91,7 @@ def render_markdown(result: SearchResult, space: SearchSpace, spec: SearchSpec) 
     ]
     header = ["rank", "trial", result.metric, *(space.label(d) for d in space.dimensions)]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    ranked = sorted(result.trials, key=lambda r: (sign * r.score, r.number))[:TOP]
+    ranked = ranked_trials(result.trials, result.direction)[:TOP]
     for rank, record in enumerate(ranked, start=1):
         if record.baseline is not None:
             cells = [f"baseline: {record.baseline}"] + [""] * (len(space.dimensions) - 1)

@@ -27,7 +27,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -392,12 +392,12 @@ def scored_trials(study: optuna.Study) -> list[TrialRecord]:
     return out
 
 
-def best_trial(records: list[TrialRecord], direction: str) -> TrialRecord:
+def best_trial(records: Sequence[TrialRecord], direction: str) -> TrialRecord:
     """The best completed trial (baselines compete too); the earliest wins a tie."""
     return ranked_trials(records, direction)[0]
 
 
-def ranked_trials(records: list[TrialRecord], direction: str) -> list[TrialRecord]:
+def ranked_trials(records: Sequence[TrialRecord], direction: str) -> list[TrialRecord]:
     """Completed trials from the best search score down; the earlier of a tie first."""
     sign = 1.0 if direction == "minimize" else -1.0
     return sorted(records, key=lambda r: (sign * r.score, r.number))
@@ -412,8 +412,8 @@ def choose_final(
     """The recipe a search ends with, and each finalist's validation score.
 
     Without ``validate`` it is the best search score. With it, the ``finalists`` best search
-    trials by search score, and each baseline, are scored again on the validation split and the best there
-    wins; a tie goes to the better search score. The search score of the best trial is biased
+    trials by search score, and each baseline, are scored again on the validation split and
+    the best there wins; a tie goes to the better search score. The search score of the best trial is biased
     upward (it was picked for being high on the very items it is measured on); fresh items are
     not. The baselines compete whatever their search score: a search that only fits its split's
     items then loses to the plain recipes it was meant to beat.
