@@ -201,9 +201,14 @@ if HAVE_NUMBA:
         for i in range(gathered.shape[0]):
             bits = gathered[i]
             counts[i & 3, bits & np.uint32(0xFFFF)] += (bits >> np.uint32(16)) == high
-        total = np.zeros(LOW_BINS, np.int64)
-        for c in range(4):
-            for b in range(LOW_BINS):
+        return _sum_tables(counts)
+
+    @njit(nogil=True, cache=True)
+    def _sum_tables(counts: Any) -> Any:
+        # the interleaved histograms added into one, in int64
+        total = np.zeros(counts.shape[1], np.int64)
+        for c in range(counts.shape[0]):
+            for b in range(counts.shape[1]):
                 total[b] += counts[c, b]
         return total
 
@@ -230,11 +235,7 @@ if HAVE_NUMBA:
             counts[3, gathered[i + 3]] += 1
         for i in range(body, found):
             counts[0, gathered[i]] += 1
-        total = np.zeros(LOW_BINS, np.int64)
-        for c in range(4):
-            for b in range(LOW_BINS):
-                total[b] += counts[c, b]
-        return total
+        return _sum_tables(counts)
 
     # The L1 sums below are float64 and reassociated, so the compiler vectorizes them (as in
     # _add_products: a fixed order per machine; only a float64 sum's last bits can move).
