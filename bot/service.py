@@ -199,8 +199,12 @@ class Bot:
         """
         if self.store.active_count(user) >= self.settings.max_jobs_per_user:
             raise QuotaError(user, self.settings.max_jobs_per_user)
-        if self.store.active_for(destination) or (owner or self.hub).repo_exists(destination):
+        if self.destination_taken(destination, owner=owner):
             raise DestinationError(f"`{destination}` already exists; choose another {rename}.")
+
+    def destination_taken(self, destination: str, *, owner: Hub | None = None) -> bool:
+        """A job already waits or runs for it, or the repo exists (seen by ``owner``, default the bot)."""
+        return bool(self.store.active_for(destination)) or (owner or self.hub).repo_exists(destination)
 
     def check_size(self, bytes_to_write: int) -> None:
         """Refuse a merge whose output is above ``MERGEBOT_MAX_MERGE_GB``.

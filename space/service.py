@@ -145,7 +145,7 @@ class SpaceService:
         destination = self.destination(name, user) if name_problem is None else ""
         if name_problem:
             problems.append(name_problem)
-        elif self.bot.store.active_for(destination) or self.bot.hub.repo_exists(destination):
+        elif self.bot.destination_taken(destination):
             problems.append(f"`{destination}` already exists; choose another name.")
         facts: dict[str, RepoFacts] = {}
         for ref in config.referenced_models():
@@ -293,7 +293,7 @@ class SpaceService:
             _, spec, data_ref = check_search_file(search_yaml, max_trials=self.bot.settings.max_evolve_trials)
         except (BotError, MergeError) as exc:
             return SearchCheck(problems=(*problems, str(exc)), destination=destination)
-        if destination and (self.bot.store.active_for(destination) or self.bot.hub.repo_exists(destination)):
+        if destination and self.bot.destination_taken(destination):
             problems.append(f"`{destination}` already exists; choose another name.")
         try:
             preflight_search(
