@@ -107,7 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="evolve: validation items per skill (engine.evolve's validation_size); 0: none",
     )
-    parser.add_argument("--finalists", type=int, default=5, help="evolve: trials re-scored on validation")
+    parser.add_argument(
+        "--finalists",
+        type=int,
+        default=5,
+        help="evolve: search trials re-scored on validation (and the baselines)",
+    )
     parser.add_argument("--eval-batch", type=int, default=50)
     parser.add_argument("--trials", type=int, default=40, help="evolve: search trials (baselines extra)")
     parser.add_argument("--evolve-minutes", type=float, default=4.0, help="evolve: wall-time cap")
@@ -286,7 +291,7 @@ def evolve(
         assert result is not None
         from engine.evolve.search import best_trial
 
-        search_best = best_trial(list(result.trials), result.direction)
+        search_best = best_trial(result.trials, result.direction)
         summary = {
             "seconds": time.perf_counter() - start,
             "trials": len([t for t in result.trials if t.baseline is None]),
@@ -342,7 +347,7 @@ def validation_line(evolved: dict[str, Any], args: argparse.Namespace) -> str:
     same = evolved["search_best_trial"] == evolved["best_trial"]
     return (
         f"; chosen on a validation split ({args.validation_items} more items per skill, in the same file) "
-        f"among the {len(validated)} best trials by search score ({scores}): "
+        f"among the best search trials and the baselines ({len(validated)} finalists: {scores}): "
         + (
             "the best search score too"
             if same
