@@ -56,12 +56,18 @@ CUT_CASES = {
 }
 
 
-def _check_cut(n: int, fraction: float, zeros: float, scale: float, seed: int) -> None:
+def _cut_case(n: int, zeros: float, scale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, model) in bf16: a share ``zeros`` of the entries unchanged, the rest moved by ~``scale``."""
     generator = torch.Generator().manual_seed(seed)
     base = torch.randn(n, generator=generator).bfloat16()
     delta = torch.randn(n, generator=generator) * scale * 0.01
     delta[torch.rand(n, generator=generator) < zeros] = 0.0  # unchanged entries: ties at zero
     model = (base.float() + delta).bfloat16()  # bf16 steps: many equal magnitudes
+    return base, model
+
+
+def _check_cut(base: torch.Tensor, model: torch.Tensor, fraction: float) -> None:
+    n = base.numel()
     k = min(n - 1, max(1, int(fraction * n)))
     cut, _, _ = _kernel_cut(kernels.as_array(model), kernels.as_array(base), n, k, sums=False)
     threshold, last_tie = _reference_cut(model, base, k)
@@ -79,7 +85,7 @@ def _check_cut(n: int, fraction: float, zeros: float, scale: float, seed: int) -
 def test_radix_cut_is_the_exact_topk_cut(
     n: int, fraction: float, zeros: float, scale: float, seed: int
 ) -> None:
-    _check_cut(n, fraction, zeros, scale, seed)
+    _check_cut(*_cut_case(n, zeros, scale, seed), fraction)
 
 
 @settings(max_examples=60, deadline=None)
@@ -103,12 +109,7 @@ def test_the_sampled_cut_is_exact_whether_its_guess_holds_or_not(
         true_bin = int(np.float32(threshold).view(np.uint32)) >> 16
         return max(0, true_bin - 1), true_bin + 2
 
-    # the tensors _check_cut draws from the same seed, for around_the_cut
-    generator = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, generator=generator).bfloat16()
-    delta = torch.randn(n, generator=generator) * scale * 0.01
-    delta[torch.rand(n, generator=generator) < zeros] = 0.0
-    model = (base.float() + delta).bfloat16()
+    base, model = _cut_case(n, zeros, scale, seed)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(task_arithmetic, "SAMPLE_MIN", 0)
         patch.setattr(task_arithmetic, "PASS1_SLICE", 97)
@@ -119,14 +120,14 @@ def test_the_sampled_cut_is_exact_whether_its_guess_holds_or_not(
             patch.setattr(task_arithmetic, "_sampled_window", lambda *args: (0x7F7F, 0x7F7F))
         if guess == "wide":
             patch.setattr(task_arithmetic, "_sampled_window", around_the_cut)
-        _check_cut(n, fraction, zeros, scale, seed)
+        _check_cut(base, model, fraction)
     if guess == "missed":
         assert second_reads
     if guess == "wide":
         assert not second_reads
 
 
-def test_a_large_cut_counts_the_gathered_patterns_instead_of_reading_twice(
+def test_a_large_cut_reads_its_tensors_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     n = (1 << 20) + 12_345  # over SAMPLE_MIN, in two slices
