@@ -273,18 +273,20 @@ def counted_trials(study: optuna.Study, *, before: int | None = None) -> int:
     for t in study.get_trials(deepcopy=False):
         if BASELINE in t.user_attrs or (before is not None and t.number >= before):
             continue
-        if t.state in (TrialState.COMPLETE, TrialState.RUNNING) or (
-            t.state == TrialState.FAIL and INTERRUPTED not in t.user_attrs
-        ):
+        if t.state == TrialState.RUNNING or _ran_to_an_end(t):
             n += 1
     return n
 
 
 def finished_trials(study: optuna.Study) -> int:
-    """Trials that ran to an end (scored, or failed for a reason of their own), baselines included."""
-    return sum(
-        t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and INTERRUPTED not in t.user_attrs)
-        for t in study.get_trials(deepcopy=False)
+    """Trials that ran to an end, baselines included."""
+    return sum(_ran_to_an_end(t) for t in study.get_trials(deepcopy=False))
+
+
+def _ran_to_an_end(trial: FrozenTrial) -> bool:
+    """Scored, or failed for a reason of its own (not interrupted)."""
+    return trial.state == TrialState.COMPLETE or (
+        trial.state == TrialState.FAIL and INTERRUPTED not in trial.user_attrs
     )
 
 
