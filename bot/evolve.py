@@ -286,12 +286,10 @@ def search_history(
 
 
 def _finalist_rows(result: SearchResult) -> list[tuple[str, str, str]]:
-    by_number = {r.number: r for r in result.trials}
     rows = []
-    for number, value in result.validation.items():
-        record = by_number[number]
-        label = f"baseline: {record.baseline}" if record.baseline else f"trial {number}"
-        if number == result.best.number:
+    for record, value in result.finalists():
+        label = f"baseline: {record.baseline}" if record.baseline else f"trial {record.number}"
+        if record.number == result.best.number:
             label += " (this model)"
         rows.append((label, _fmt(record.score), _fmt(value)))
     return rows

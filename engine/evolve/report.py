@@ -107,7 +107,6 @@ def _validation_lines(result: SearchResult) -> list[str]:
     """How the final recipe was chosen among the finalists, when a validation split was asked for."""
     if not result.validation:
         return []
-    by_number = {r.number: r for r in result.trials}
     lines = [
         "",
         "## Choosing the final recipe",
@@ -115,14 +114,13 @@ def _validation_lines(result: SearchResult) -> list[str]:
         "The best search trials and the baselines, scored again on the validation split (items neither "
         "the search nor the held-out split uses); the best there is `recipe.yml`.",
         "",
-        "| search rank | trial | search split | validation split | |",
+        "| finalist | trial | search split | validation split | |",
         "|---|---|---|---|---|",
     ]
-    for rank, (number, value) in enumerate(result.validation.items(), start=1):
-        record = by_number[number]
-        label = f"baseline: {record.baseline}" if record.baseline else str(number)
-        chosen = "**chosen**" if number == result.best.number else ""
-        lines.append(f"| {rank} | {label} | {_fmt(record.score)} | {_fmt(value)} | {chosen} |")
+    for place, (record, value) in enumerate(result.finalists(), start=1):
+        label = f"baseline: {record.baseline}" if record.baseline else str(record.number)
+        chosen = "**chosen**" if record.number == result.best.number else ""
+        lines.append(f"| {place} | {label} | {_fmt(record.score)} | {_fmt(value)} | {chosen} |")
     return lines
 
 

@@ -104,6 +104,11 @@ class SearchResult:
     # with a validation split: each finalist's trial number -> its validation score, best search score first
     validation: dict[int, float] = field(default_factory=dict)
 
+    def finalists(self) -> list[tuple[TrialRecord, float]]:
+        """Each finalist's trial and validation score, best search score first (none without validation)."""
+        by_number = {r.number: r for r in self.trials}
+        return [(by_number[number], value) for number, value in self.validation.items()]
+
 
 class _CmaEs(optuna.samplers.CmaEsSampler):
     """CMA-ES that leaves baseline trials alone: they are not points it proposed."""
