@@ -21,6 +21,7 @@ answer without) and concatenated, so the answer's tokens do not depend on the pr
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
+from transformers import DynamicCache
 
 from engine.evolve.errors import EvaluationDataError, SearchFileError
 from engine.evolve.spec import Evaluation
@@ -311,6 +313,15 @@ def _exact_match(
     return correct / len(items)
 
 
+def _cache_keyword(model: Any) -> str:
+    """The name under which ``model.forward`` takes its key/value cache.
+
+    transformers 5 renamed ``past_key_values`` to ``cache`` (the old name warns until its removal);
+    the signature says which one the installed version expects.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def greedy_batch(
     model: Any, prompts: Sequence[list[int]], limits: Sequence[int], eos: int | None, pad: int
 ) -> list[list[int]]:
@@ -331,12 +342,10 @@ def greedy_batch(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     generated: list[list[int]] = [[] for _ in prompts]
     done = [limit <= 0 for limit in limits]
-    past = None
+    cache = {_cache_keyword(model): DynamicCache(config=model.config)}
     while not all(done):
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
-        )
-        past = out.past_key_values
+        # the cache object is filled in place, so each step passes the same one back
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
         tokens = out.logits[:, -1].argmax(-1)
         for row, token in enumerate(tokens.tolist()):
             if done[row]:
