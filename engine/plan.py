@@ -206,14 +206,18 @@ def _build_module_plan(
     donor = config.base_model or config.referenced_models()[0]
     donor_tensors = list(models[donor].tensors)
     listed = set(config.modules or {})
+    left_out = {}
     for module in dict.fromkeys(module_of(name) for name in donor_tensors):
         if module not in listed:
             names = module_tensors(donor_tensors, module)
-            raise RecipeError.single(
-                "modules",
-                f"'{donor}' has a module '{module}' ({len(names)} tensors, e.g. '{names[0]}') that `modules` "
-                f"leaves out, so the merged model would lack it; add `{module}:` with the models to merge it from",
-            )
+            left_out[module] = f"'{module}' ({len(names)} tensors, e.g. '{names[0]}')"
+    if left_out:
+        raise RecipeError.single(
+            "modules",
+            f"'{donor}' has modules that `modules` leaves out: {', '.join(left_out.values())}; the merged "
+            f"model would lack them. Add {', '.join(f'`{m}:`' for m in left_out)} with the models to merge "
+            "each from",
+        )
     plans: list[MergePlan] = []
     output_config = _output_config(config, models, donor, [], 0)
     for part in config.parts():
