@@ -8,7 +8,6 @@ its location (``models[1].parameters.density``) and its line in the YAML.
 from __future__ import annotations
 
 import difflib
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ from engine.methods import METHODS, all_param_names, unknown_method_message
 from engine.methods.base import MethodSpec, ParamSpec, ParamValue, Scope
 from engine.modules import MODULE_NAMES
 from engine.yaml_locations import describe, line_index
-
-log = logging.getLogger(__name__)
 
 Scalar = bool | int | float | str
 DTypeName = Literal["float32", "float16", "bfloat16", "float64"]

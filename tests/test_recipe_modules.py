@@ -15,7 +15,7 @@ import pytest
 import torch
 from oracle import load_tensors, recipe_yaml, run_mergekit
 from safetensors.torch import save_file
-from tiny_models import build_tokenizer
+from tiny_models import VOCAB_SIZE, build_tokenizer
 
 from engine import MergeOptions, load_recipe, run_merge
 from engine.errors import RecipeError
@@ -31,7 +31,7 @@ def build_tiny_vlm(folder: Path, seed: int) -> str:
     from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig
 
     text = MistralConfig(
-        vocab_size=96,
+        vocab_size=VOCAB_SIZE,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=TEXT_LAYERS,
@@ -54,11 +54,16 @@ def build_tiny_vlm(folder: Path, seed: int) -> str:
     build_tokenizer().save_pretrained(folder)
     architecture = ConfiguredModelArchitecture(info=arch_info_for_config(config), config=config)
     generator = torch.Generator().manual_seed(seed)
-    tensors = {
-        w.name: torch.randn((4,) if w.name.endswith("norm.weight") else (3, 4), generator=generator).to(
-            torch.bfloat16
-        )
+    shapes = {
+        w.name: (4,)
+        if w.name.endswith("norm.weight")
+        else (VOCAB_SIZE, 4)
+        if w.vocabulary_axis is not None  # embeddings and output head: one row per token
+        else (3, 4)
         for w in architecture.all_weights()
+    }
+    tensors = {
+        name: torch.randn(shape, generator=generator).to(torch.bfloat16) for name, shape in shapes.items()
     }
     save_file(tensors, str(folder / "model.safetensors"))
     return str(folder)
@@ -96,8 +101,13 @@ def modules_recipe(a: str, b: str, c: str) -> dict[str, Any]:
     }
 
 
-def test_modules_recipe_merges_as_mergekit_does(vlms: tuple[str, str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("tokenizer_source", [None, "union"])
+def test_modules_recipe_merges_as_mergekit_does(
+    vlms: tuple[str, str, str], tmp_path: Path, tokenizer_source: str | None
+) -> None:
     recipe = modules_recipe(*vlms)
+    if tokenizer_source is not None:  # the vocabulary is built for the text decoder's tensors
+        recipe["tokenizer_source"] = tokenizer_source
     theirs = run_mergekit(recipe, tmp_path / "mergekit")
     ours = tmp_path / "mergebot"
     run_merge(load_recipe(recipe_yaml(recipe)), ours, options=MergeOptions(seed=42))
