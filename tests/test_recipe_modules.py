@@ -19,6 +19,7 @@ from tiny_models import VOCAB_SIZE, build_tokenizer
 
 from engine import MergeOptions, load_recipe, run_merge
 from engine.errors import RecipeError
+from engine.modules import module_of
 from engine.run import plan_merge
 
 TEXT_LAYERS, VISION_LAYERS = 3, 2
@@ -167,3 +168,28 @@ def test_cli_prints_the_notes(
     assert "note: modules.vision_tower.parameters.nomalize (line" in out
     assert "parameter 'nomalize' has no effect (slerp takes: t)" in out
     assert "note: embed_slerp (line" in out
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ok: the models are compatible" in out and "parameter 'nomalize' has no effect" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [
+        ("language_model.model.layers.0.mlp.up_proj.weight", "text_decoder"),
+        ("language_model.lm_head.weight", "text_decoder"),
+        ("model.language_model.embed_tokens.weight", "text_decoder"),
+        ("lm_head.weight", "text_decoder"),
+        ("model.layers.3.self_attn.q_proj.weight", "text_decoder"),
+        ("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "vision_tower"),
+        ("model.vision_tower.transformer.layers.1.attention.q_proj.weight", "vision_tower"),
+        ("visual.blocks.0.attn.qkv.weight", "vision_tower"),
+        ("vision_model.model.layers.0.mlp.fc1.weight", "vision_model"),
+        ("multi_modal_projector.linear_1.weight", "multi_modal_projector"),
+        ("model.multi_modal_projector.mm_soft_emb_norm.weight", "multi_modal_projector"),
+        ("visual.merger.mlp.0.weight", "multi_modal_projector"),  # inside visual., the longer prefix wins
+        ("model.visual.deepstack_merger_list.0.norm.weight", "multi_modal_projector"),
+    ],
+)
+def test_tensors_belong_to_modules_by_prefix(name: str, module: str) -> None:
+    assert module_of(name) == module
