@@ -239,8 +239,6 @@ class MergeConfig(_Strict):
         seen: dict[str, None] = {}
         if self.base_model:
             seen[self.base_model] = None
-        for m in self.models or []:
-            seen[m.model] = None
         for part in self.parts():
             for m in part.models or []:
                 seen[m.model] = None
@@ -466,6 +464,8 @@ def _drop_ignored_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple
 def _ignored_key_message(key: str, fields: list[str], *, top: bool) -> str:
     if top and key in _IGNORED_KEY_REASONS:
         return f"field '{key}' has no effect: {_IGNORED_KEY_REASONS[key]}"
+    if key == "base_model":
+        return "field 'base_model' has no effect here: the base is the recipe's `base_model` or a slice's"
     if "parameters" in fields and key in all_param_names():
         return f"field '{key}' has no effect here (did you mean to put it under `parameters`?)"
     close = difflib.get_close_matches(key, fields, n=1)
@@ -638,6 +638,7 @@ def _parameter_problems(
                         f"parameter '{pname}' is set once for all models; a per-model value has no effect",
                     )
                 )
+                continue  # mergekit never reads it, so neither is its value checked
             for suffix, value in setting.scalars():
                 try:
                     coerced = pspec.coerce(value)

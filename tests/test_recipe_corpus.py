@@ -732,6 +732,46 @@ modules:
         difference="module-name",
     ),
     S(
+        "ties-per-model-normalize",
+        """
+merge_method: ties
+base_model: org/base
+models:
+  - model: org/ft-1
+    parameters: {weight: 0.5, density: 0.5, normalize: true}
+  - model: org/ft-2
+    parameters: {weight: 0.5, density: 0.5, normalize: 2}
+""",
+        notes=("parameter 'normalize' is set once for all models; a per-model value has no effect",),
+    ),
+    S(
+        "slerp-models-base-not-listed",
+        """
+merge_method: slerp
+base_model: org/a
+models: [{model: org/b}, {model: org/c}]
+parameters: {t: 0.5}
+""",
+        refusal="the base_model 'org/a' is not among the models ('org/b', 'org/c')",
+    ),
+    S(
+        "modules-with-base-model-per-module",
+        """
+merge_method: linear
+modules:
+  text_decoder:
+    base_model: org/a
+    models:
+      - {model: org/a, parameters: {weight: 0.5}}
+      - {model: org/b, parameters: {weight: 0.5}}
+  vision_tower:
+    models: [{model: org/a, parameters: {weight: 1}}]
+""",
+        notes=(
+            "modules.text_decoder.base_model (line 5): field 'base_model' has no effect here: the base is",
+        ),
+    ),
+    S(
         "modules-slerp-base-outside",
         """
 merge_method: slerp
