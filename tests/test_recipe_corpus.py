@@ -14,10 +14,15 @@ accept exactly those, and refuse the others, except for the documented differenc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from oracle import load_tensors, run_mergekit
+from tiny_models import Family
 
+from engine import MergeOptions, run_merge
 from engine.config import load_recipe
 from engine.errors import RecipeError
 
@@ -863,3 +868,38 @@ def test_mergebot_accepts_what_mergekit_accepts(shape: Shape) -> None:
             assert any(wanted in note for note in config.notes), (wanted, config.notes)
         if not shape.notes:
             assert config.notes == ()
+
+
+# Recipes whose keys or parameters mergekit ignores, run on a tiny family ({0}: the base,
+# {1}, {2}: fine-tunes). A tool that read `nomalize: false` as `normalize: false` would sum
+# the weights of 1 instead of averaging; one that read `embed_slerp` would treat embeddings apart.
+IGNORED_AT_RUN_TIME = {
+    "nomalize": """
+merge_method: linear
+models:
+  - {{model: {1}, parameters: {{weight: 1.0}}}}
+  - {{model: {2}, parameters: {{weight: 1.0}}}}
+parameters: {{nomalize: false}}
+target_model: ./out
+""",
+    "embed-slerp": """
+name: step-1
+merge_method: slerp
+base_model: {0}
+models: [{{model: {0}}}, {{model: {1}}}]
+parameters: {{t: 0.3, embed_slerp: false}}
+""",
+}
+
+
+@pytest.mark.parametrize("recipe", IGNORED_AT_RUN_TIME, ids=str)
+def test_what_mergekit_ignores_changes_nothing(recipe: str, llama_family: Family, tmp_path: Path) -> None:
+    text = IGNORED_AT_RUN_TIME[recipe].format(*llama_family.models)
+    config = load_recipe(text)
+    assert config.notes
+    theirs = load_tensors(run_mergekit(text, tmp_path / "mergekit"))
+    run_merge(config, tmp_path / "mergebot", options=MergeOptions(seed=42))
+    ours = load_tensors(tmp_path / "mergebot")
+    assert sorted(ours) == sorted(theirs)
+    for name, want in theirs.items():
+        torch.testing.assert_close(ours[name].float(), want.float(), rtol=1e-2, atol=1e-5, msg=name)
