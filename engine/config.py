@@ -372,6 +372,7 @@ def validate_recipe(
                 config = None
     if config is not None:
         problems.extend(_semantic_problems(config, ignored))
+    ignored.sort(key=lambda item: _line(item[0], lines))  # stable: in the order they are written
     notes = [f"{describe(loc, lines)}: {message}" for loc, message in ignored]
     if problems:
         raise RecipeError([_problem(loc, msg, lines) for loc, msg in problems], source=source, notes=notes)
@@ -382,6 +383,11 @@ def validate_recipe(
 
 def _problem(loc: tuple[Any, ...], message: str, lines: dict[tuple[Any, ...], int]) -> RecipeProblem:
     return RecipeProblem(describe(loc, lines), message)
+
+
+def _line(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int:
+    """The line of ``loc`` or of its nearest ancestor with one (0: none)."""
+    return next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), 0)
 
 
 # Top-level keys seen in published recipes that mergekit reads nowhere, and why they do nothing.

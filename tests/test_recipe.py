@@ -102,10 +102,11 @@ parametrs: {}
     assert any("dtype (line 12)" in p for p in problems)
     # mergekit ignores unknown parameters and keys: notes, not problems, and shown with the refusal
     assert not any("densty" in p or "parametrs" in p for p in problems)
-    assert "models[1].parameters.densty (line 11): parameter 'densty' has no effect" in info.value.notes[1]
-    assert "(did you mean 'density'?)" in info.value.notes[1]
-    assert info.value.notes[0].startswith("parametrs (line 13): field 'parametrs' has no effect")
-    assert "(did you mean `parameters`?)" in info.value.notes[0]
+    # in the order they are written
+    assert "models[1].parameters.densty (line 11): parameter 'densty' has no effect" in info.value.notes[0]
+    assert "(did you mean 'density'?)" in info.value.notes[0]
+    assert info.value.notes[1].startswith("parametrs (line 13): field 'parametrs' has no effect")
+    assert "(did you mean `parameters`?)" in info.value.notes[1]
     assert message.startswith("Invalid recipe (")
     assert message.endswith("\n".join(f"note: {n}" for n in info.value.notes))
 
