@@ -239,7 +239,7 @@ class Bot:
             report=report,
             source_comment=source,
         )
-        return self.enqueue(spec, pre.summary())
+        return self.enqueue(spec, pre.summary(), notes=pre.notes)
 
     def evolve(
         self,
@@ -320,15 +320,25 @@ class Bot:
                 "requester": user or previous.spec.requester,
             }
         )
-        return self.enqueue(spec, pre.summary())
+        return self.enqueue(spec, pre.summary(), notes=pre.notes)
 
-    def enqueue(self, spec: JobSpec, summary: str = "", signed_in: UserCredential | None = None) -> Job:
-        """Add a preflighted job to the store and the scheduler; its user credential first, if any."""
+    def enqueue(
+        self,
+        spec: JobSpec,
+        summary: str = "",
+        signed_in: UserCredential | None = None,
+        *,
+        notes: tuple[str, ...] = (),
+    ) -> Job:
+        """Add a preflighted job to the store and the scheduler; its user credential first, if any.
+
+        ``summary`` and ``notes`` (the recipe's, see engine.MergeConfig.notes) go in the status comment.
+        """
         job = self.store.add(spec)
         if signed_in is not None:  # before it is scheduled, so the worker finds it
             self.credentials.put(job.id, signed_in)
         if spec.report is not None:
-            text = queued_text(job.id, self.store.queue_position(job.id), summary)
+            text = queued_text(job.id, self.store.queue_position(job.id), summary, notes)
             try:
                 self.store.set_status_comment(
                     job.id, self.hub.comment(spec.report.repo_id, spec.report.num, text)

@@ -59,6 +59,7 @@ class Preflight:
     verdict: LicenseVerdict
     bytes_to_read: int
     bytes_to_write: int
+    notes: tuple[str, ...] = ()  # what the recipe sets to no effect (see engine.MergeConfig.notes)
 
     @property
     def seconds_estimate(self) -> float:
@@ -136,7 +137,7 @@ def preflight(
             plan = build_plan(pinned, metadata)
     except MergeError as exc:
         raise PreflightError(str(exc)) from None
-    return Preflight(pinned, facts, verdict, plan.bytes_to_read, plan.bytes_to_write)
+    return Preflight(pinned, facts, verdict, plan.bytes_to_read, plan.bytes_to_write, config.notes)
 
 
 def commit_description(job: Job, pre: Preflight, what: str = "") -> str:
@@ -177,9 +178,12 @@ class StatusComment:
             log.warning("job %s: status comment not updated (%s)", self._job.id, type(exc).__name__)
 
 
-def queued_text(job_id: str, position: int | None, summary: str = "") -> str:
+def queued_text(job_id: str, position: int | None, summary: str = "", notes: tuple[str, ...] = ()) -> str:
+    """The status comment of a queued job: its place, the preflight's summary and the recipe's notes."""
     where = f" (position {position} in the queue)" if position else ""
     more = f"\n\nPreflight passed: {summary}." if summary else ""
+    if notes:
+        more += "\n\nNotes on the recipe:\n" + "\n".join(f"- {note}" for note in notes)
     return f"⏳ Job `{job_id}` is queued{where}.{more}"
 
 

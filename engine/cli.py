@@ -257,6 +257,8 @@ def _check(args: argparse.Namespace) -> int:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     for row in (header, *rows):
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)))
+    for note in config.notes:
+        print(f"note: {note}")
     if audit.ok:
         print("ok: the models are compatible")
         return 0

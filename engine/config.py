@@ -8,21 +8,19 @@ its location (``models[1].parameters.density``) and its line in the YAML.
 from __future__ import annotations
 
 import difflib
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
 
 from engine.errors import RecipeError, RecipeProblem
 from engine.methods import METHODS, all_param_names, unknown_method_message
-from engine.methods.base import ParamSpec, ParamValue, Scope
+from engine.methods.base import MethodSpec, ParamSpec, ParamValue, Scope
+from engine.modules import MODULE_NAMES
 from engine.yaml_locations import describe, line_index
-
-log = logging.getLogger(__name__)
 
 Scalar = bool | int | float | str
 DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
@@ -163,6 +161,14 @@ class OutputSlice(_Strict):
     parameters: Parameters | None = None
 
 
+class OutputModule(_Strict):
+    """One entry of ``modules:``: how one part of a multi-module model (e.g. its vision tower) is merged."""
+
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Parameters | None = None
+
+
 class ModelTokenEmbedding(_Strict):
     """``{kind: model_token, model, token | token_id}``: a row of one model's own embedding."""
 
@@ -198,6 +204,7 @@ class MergeConfig(_Strict):
     base_model: ModelRef | None = None
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
+    modules: dict[str, OutputModule] | None = None
     parameters: Parameters | None = None
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
@@ -205,6 +212,12 @@ class MergeConfig(_Strict):
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     random_seed: int | None = None
+    _notes: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the recipe sets to no effect (keys and parameters mergekit ignores), one line each."""
+        return self._notes
 
     @field_validator("dtype", "out_dtype", mode="before")
     @classmethod
@@ -226,18 +239,39 @@ class MergeConfig(_Strict):
         seen: dict[str, None] = {}
         if self.base_model:
             seen[self.base_model] = None
-        for m in self.models or []:
-            seen[m.model] = None
-        for s in self.slices or []:
-            if s.base_model:
-                seen[s.base_model] = None
-            for src in s.sources:
-                seen[src.model] = None
+        for part in self.parts():
+            for m in part.models or []:
+                seen[m.model] = None
+            for s in part.slices or []:
+                if s.base_model:
+                    seen[s.base_model] = None
+                for src in s.sources:
+                    seen[src.model] = None
         return list(seen)
+
+    def parts(self) -> list[RecipePart]:
+        """The recipe's independently merged parts: the whole model, or one per entry of ``modules``."""
+        if self.modules:
+            return [
+                RecipePart(name, ("modules", name), m.models, m.slices, m.parameters)
+                for name, m in self.modules.items()
+            ]
+        return [RecipePart(None, (), self.models, self.slices, None)]
 
     def to_yaml(self) -> str:
         """The recipe in mergekit's YAML, with settings written back in their original forms."""
         return yaml.dump(_dump(self.model_dump(exclude_none=True)), Dumper=_RecipeDumper, sort_keys=False)
+
+
+@dataclass(frozen=True)
+class RecipePart:
+    """The models or slices merged for one module (``module`` None: the whole model), and where they are."""
+
+    module: str | None
+    loc: tuple[Any, ...]
+    models: list[InputModel] | None
+    slices: list[OutputSlice] | None
+    parameters: dict[str, Setting] | None  # the module's own; the recipe's top-level ones apply beneath
 
 
 class _RecipeDumper(yaml.SafeDumper):
@@ -311,20 +345,14 @@ def _read_source(source: str | os.PathLike[str]) -> tuple[str, str | None]:
 def validate_recipe(
     data: dict[str, Any], *, lines: dict[tuple[Any, ...], int] | None = None, source: str | None = None
 ) -> MergeConfig:
-    """Validate an already-parsed recipe mapping (see :func:`load_recipe`)."""
+    """Validate an already-parsed recipe mapping (see :func:`load_recipe`).
+
+    Keys and parameters that mergekit ignores are accepted and reported in
+    :attr:`MergeConfig.notes` (or, when the recipe is refused, in :attr:`RecipeError.notes`).
+    """
     lines = lines or {}
+    cleaned, ignored = _drop_ignored_keys(data)
     problems: list[tuple[tuple[Any, ...], str]] = []
-    if "modules" in data:
-        problems.append(
-            (("modules",), "`modules:` (multi-module models) is not supported; use `models` or `slices`")
-        )
-    cleaned = {k: v for k, v in data.items() if k != "modules"}
-    unknown = [k for k in cleaned if k not in MergeConfig.model_fields]
-    for key in unknown:
-        close = difflib.get_close_matches(str(key), list(MergeConfig.model_fields), n=1)
-        hint = f" Did you mean `{close[0]}`?" if close else ""
-        problems.append(((key,), f"unknown field.{hint}"))
-        cleaned.pop(key)
     config: MergeConfig | None = None
     try:
         config = MergeConfig.model_validate(cleaned)
@@ -343,10 +371,13 @@ def validate_recipe(
             except ValidationError:
                 config = None
     if config is not None:
-        problems.extend(_semantic_problems(config))
+        problems.extend(_semantic_problems(config, ignored))
+    ignored.sort(key=lambda item: _line(item[0], lines))  # stable: in the order they are written
+    notes = [f"{describe(loc, lines)}: {message}" for loc, message in ignored]
     if problems:
-        raise RecipeError([_problem(loc, msg, lines) for loc, msg in problems], source=source)
+        raise RecipeError([_problem(loc, msg, lines) for loc, msg in problems], source=source, notes=notes)
     assert config is not None
+    config._notes = tuple(notes)
     return config
 
 
@@ -354,51 +385,182 @@ def _problem(loc: tuple[Any, ...], message: str, lines: dict[tuple[Any, ...], in
     return RecipeProblem(describe(loc, lines), message)
 
 
-def _semantic_problems(config: MergeConfig) -> list[tuple[tuple[Any, ...], str]]:
-    """Checks that need the method: structure, required and known parameters, ranges."""
+def _line(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int:
+    """The line of ``loc`` or of its nearest ancestor with one (0: none)."""
+    return next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), 0)
+
+
+# Top-level keys seen in published recipes that mergekit reads nowhere, and why they do nothing.
+_IGNORED_KEY_REASONS: dict[str, str] = {
+    "name": "mergekit-multi uses it to name one recipe among several; here it is one merge",
+    "target_model": "it is not a recipe key; the output path is the command's argument "
+    "(`mergebot merge RECIPE OUT_DIR`, as `mergekit-yaml RECIPE OUT_DIR`), or the model name "
+    "given to the bot or the Space",
+}
+
+
+def _drop_ignored_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[tuple[Any, ...], str]]]:
+    """The recipe without the keys mergekit ignores, and a note for each one dropped.
+
+    mergekit's schema lets unknown keys through at every level, so recipes carry them
+    (mergekit-multi's ``name``, a misplaced ``weight``); they are dropped here, each with a
+    note, and the schema below stays strict for everything else.
+    """
+    notes: list[tuple[tuple[Any, ...], str]] = []
+
+    def keep(value: Any, fields: dict[str, Any], loc: tuple[Any, ...]) -> Any:
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for key, item in value.items():
+            if key in fields:
+                out[key] = item
+            else:
+                notes.append(((*loc, key), _ignored_key_message(str(key), list(fields), top=not loc)))
+        return out
+
+    def each(items: Any, fields: dict[str, Any], loc: tuple[Any, ...]) -> Any:
+        if not isinstance(items, list):
+            return items
+        return [keep(item, fields, (*loc, i)) for i, item in enumerate(items)]
+
+    def group(value: Any, loc: tuple[Any, ...]) -> Any:
+        """``models`` and ``slices`` (with their sources) of the recipe or of one module."""
+        if not isinstance(value, dict):
+            return value
+        out = dict(value)
+        if "models" in out:
+            out["models"] = each(out["models"], InputModel.model_fields, (*loc, "models"))
+        if "slices" in out:
+            out["slices"] = each(out["slices"], OutputSlice.model_fields, (*loc, "slices"))
+            if isinstance(out["slices"], list):
+                out["slices"] = [
+                    {
+                        **s,
+                        "sources": each(
+                            s["sources"], InputSlice.model_fields, (*loc, "slices", i, "sources")
+                        ),
+                    }
+                    if isinstance(s, dict) and "sources" in s
+                    else s
+                    for i, s in enumerate(out["slices"])
+                ]
+        return out
+
+    cleaned = group(keep(data, MergeConfig.model_fields, ()), ())
+    modules = cleaned.get("modules")
+    if isinstance(modules, dict):
+        cleaned["modules"] = {
+            name: group(keep(m, OutputModule.model_fields, ("modules", name)), ("modules", name))
+            for name, m in modules.items()
+        }
+    tokenizer = cleaned.get("tokenizer")
+    if isinstance(tokenizer, dict):
+        tokenizer = keep(tokenizer, TokenizerConfig.model_fields, ("tokenizer",))
+        tokens = tokenizer.get("tokens")
+        if isinstance(tokens, dict):
+            tokenizer["tokens"] = {
+                token: keep(t, TokenEmbedding.model_fields, ("tokenizer", "tokens", token))
+                for token, t in tokens.items()
+            }
+        cleaned["tokenizer"] = tokenizer
+    return cleaned, notes
+
+
+def _ignored_key_message(key: str, fields: list[str], *, top: bool) -> str:
+    if top and key in _IGNORED_KEY_REASONS:
+        return f"field '{key}' has no effect: {_IGNORED_KEY_REASONS[key]}"
+    if key == "base_model":
+        return "field 'base_model' has no effect here: the base is the recipe's `base_model` or a slice's"
+    if "parameters" in fields and key in all_param_names():
+        return f"field '{key}' has no effect here (did you mean to put it under `parameters`?)"
+    close = difflib.get_close_matches(key, fields, n=1)
+    hint = f" (did you mean `{close[0]}`?)" if close else ""
+    return f"field '{key}' has no effect{hint}"
+
+
+def _semantic_problems(
+    config: MergeConfig, notes: list[tuple[tuple[Any, ...], str]]
+) -> list[tuple[tuple[Any, ...], str]]:
+    """Checks that need the method: structure, required and known parameters, ranges.
+
+    Parameters that have no effect are appended to ``notes``.
+    """
     problems: list[tuple[tuple[Any, ...], str]] = []
     spec = METHODS.get(config.merge_method)
     if spec is None:
         return [(("merge_method",), unknown_method_message(config.merge_method))]
-    if bool(config.models) == bool(config.slices):
+    if sum(map(bool, (config.models, config.slices, config.modules))) != 1:
         problems.append(
-            ((), "give exactly one of `models` (merge whole models) or `slices` (merge layer ranges)")
+            (
+                (),
+                "give exactly one of `models` (merge whole models), `slices` (merge layer ranges) "
+                "or `modules` (merge each module of a multi-module model its own way)",
+            )
         )
         return problems
-    if spec.needs_base and not config.base_model and not any(s.base_model for s in config.slices or []):
+    for name, module in (config.modules or {}).items():
+        loc = ("modules", name)
+        if name not in MODULE_NAMES:
+            close = difflib.get_close_matches(str(name), MODULE_NAMES, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append(
+                (loc, f"unknown module '{name}'.{hint} Modules mergebot knows: {', '.join(MODULE_NAMES)}.")
+            )
+        if bool(module.models) == bool(module.slices):
+            problems.append((loc, "give exactly one of `models` or `slices` for this module"))
+    if problems:
+        return problems
+    parts = config.parts()
+    all_slices = [s for part in parts for s in part.slices or []]
+    if spec.needs_base and not config.base_model and not any(s.base_model for s in all_slices):
         problems.append(
             (("base_model",), f"{spec.name} needs a `base_model` (the model the others were tuned from)")
         )
     if config.random_seed is not None and config.random_seed < 0:
         problems.append((("random_seed",), "must be a non-negative integer"))
     problems.extend(_tokenizer_problems(config))
+    for part in parts:
+        problems.extend(_group_problems(config, part, spec))
+        problems.extend(_parameter_problems(config, part, spec, notes))
+    return problems
 
-    # Inputs per output group, to check counts.
-    groups: list[tuple[tuple[Any, ...], list[str], str | None]] = []
-    if config.models:
-        names = [m.model for m in config.models]
-        if config.base_model and config.base_model not in names:
-            names.append(config.base_model)
-        groups.append((("models",), names, config.base_model))
-    for s_index, out_slice in enumerate(config.slices or []):
+
+def _group_problems(
+    config: MergeConfig, part: RecipePart, spec: MethodSpec
+) -> list[tuple[tuple[Any, ...], str]]:
+    """Input counts of each output group (the models, or each slice) of one part of the recipe."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    # (location, models listed, the group's base, whether the base was set on the slice itself)
+    groups: list[tuple[tuple[Any, ...], list[str], str | None, bool]] = []
+    if part.models:
+        groups.append(((*part.loc, "models"), [m.model for m in part.models], config.base_model, False))
+    for s_index, out_slice in enumerate(part.slices or []):
+        loc = (*part.loc, "slices", s_index, "sources")
         names = [src.model for src in out_slice.sources]
-        base = out_slice.base_model or config.base_model
-        if spec.needs_base and base and base not in names:
-            names.append(base)
-        groups.append((("slices", s_index, "sources"), names, base))
+        groups.append((loc, names, out_slice.base_model or config.base_model, bool(out_slice.base_model)))
         lengths = {src.layer_range[1] - src.layer_range[0] for src in out_slice.sources}
         if len(lengths) > 1:
+            problems.append((loc, f"all sources of a slice must span as many layers, got {sorted(lengths)}"))
+        if not out_slice.sources:
+            problems.append((loc, "a slice needs at least one source"))
+    for loc, listed, base, on_slice in groups:
+        if len(set(listed)) != len(listed):
+            problems.append((loc, "the same model is listed twice"))
+        if spec.name == "slerp" and base and base not in listed and listed:
+            # counting the base in would report "at most 2 models, got 3" for the two listed
+            whose = "the slice's base_model" if on_slice else "the base_model"
+            among = "its sources" if loc[-1] == "sources" else "the models"
+            shown = ", ".join(f"'{m}'" for m in listed)
             problems.append(
                 (
-                    ("slices", s_index, "sources"),
-                    f"all sources of a slice must span as many layers, got {sorted(lengths)}",
+                    loc,
+                    f"{whose} '{base}' is not among {among} ({shown}); slerp interpolates from the base "
+                    f"towards one other model, so list '{base}' and one other model",
                 )
             )
-        if not out_slice.sources:
-            problems.append((("slices", s_index, "sources"), "a slice needs at least one source"))
-    for loc, names, base in groups:
-        if len(set(names)) != len(names):
-            problems.append((loc, "the same model is listed twice"))
+            continue
+        names = [*listed, base] if spec.needs_base and base and base not in listed else listed
         n = len(names)
         if n < spec.min_inputs:
             problems.append((loc, f"{spec.name} needs at least {spec.min_inputs} models, got {n}"))
@@ -419,10 +581,6 @@ def _semantic_problems(config: MergeConfig) -> list[tuple[tuple[Any, ...], str]]
             )
             noun = "model" if (spec.max_non_base or spec.min_non_base) == 1 else "models"
             problems.append((loc, f"{spec.name} takes {want} {noun} besides the base model, got {non_base}"))
-        if spec.name == "slerp" and base and base not in names:
-            problems.append((loc, "slerp interpolates from the base model: list it among the models"))
-
-    problems.extend(_parameter_problems(config, spec))
     return problems
 
 
@@ -455,7 +613,10 @@ def _tokenizer_problems(config: MergeConfig) -> list[tuple[tuple[Any, ...], str]
     return problems
 
 
-def _parameter_problems(config: MergeConfig, spec: Any) -> list[tuple[tuple[Any, ...], str]]:
+def _parameter_problems(
+    config: MergeConfig, part: RecipePart, spec: MethodSpec, notes: list[tuple[tuple[Any, ...], str]]
+) -> list[tuple[tuple[Any, ...], str]]:
+    """Known parameters and their ranges in one part of the recipe; the top level is checked with the first."""
     problems: list[tuple[tuple[Any, ...], str]] = []
     known_anywhere = all_param_names()
     per_model_scopes = (Scope.INPUT, Scope.NON_BASE)
@@ -465,18 +626,25 @@ def _parameter_problems(config: MergeConfig, spec: Any) -> list[tuple[tuple[Any,
             pspec = spec.param(pname)
             if pspec is None:
                 if pname in known_anywhere:
-                    log.warning(
-                        "%s: parameter '%s' has no effect with %s", ".".join(map(str, loc)), pname, spec.name
-                    )
+                    notes.append(((*loc, pname), f"parameter '{pname}' has no effect with {spec.name}"))
                     continue
                 names = [p.name for p in spec.params]
                 close = difflib.get_close_matches(pname, names, n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
-                valid = ", ".join(names) or "none"
-                problems.append(((*loc, pname), f"unknown parameter for {spec.name}.{hint} Valid: {valid}."))
+                hint = (
+                    f" (did you mean '{close[0]}'?)"
+                    if close
+                    else f" ({spec.name} takes: {', '.join(names) or 'none'})"
+                )
+                notes.append(((*loc, pname), f"parameter '{pname}' has no effect{hint}"))
                 continue
             if per_model and pspec.scope not in per_model_scopes:
-                log.warning("%s: '%s' is set once for all models; a per-model value is ignored", loc, pname)
+                notes.append(
+                    (
+                        (*loc, pname),
+                        f"parameter '{pname}' is set once for all models; a per-model value has no effect",
+                    )
+                )
+                continue  # mergekit never reads it, so neither is its value checked
             for suffix, value in setting.scalars():
                 try:
                     coerced = pspec.coerce(value)
@@ -487,34 +655,41 @@ def _parameter_problems(config: MergeConfig, spec: Any) -> list[tuple[tuple[Any,
                 if reason:
                     problems.append(((*loc, f"{pname}{suffix}"), f"{coerced!r} {reason}"))
 
-    check(config.parameters, ("parameters",), per_model=False)
-    for i, m in enumerate(config.models or []):
-        check(m.parameters, ("models", i, "parameters"), per_model=True)
-    for s_index, out_slice in enumerate(config.slices or []):
-        check(out_slice.parameters, ("slices", s_index, "parameters"), per_model=False)
+    if part.loc == config.parts()[0].loc:
+        check(config.parameters, ("parameters",), per_model=False)
+    check(part.parameters, (*part.loc, "parameters"), per_model=False)
+    for i, m in enumerate(part.models or []):
+        check(m.parameters, (*part.loc, "models", i, "parameters"), per_model=True)
+    for s_index, out_slice in enumerate(part.slices or []):
+        check(out_slice.parameters, (*part.loc, "slices", s_index, "parameters"), per_model=False)
         for j, src in enumerate(out_slice.sources):
-            check(src.parameters, ("slices", s_index, "sources", j, "parameters"), per_model=True)
+            check(src.parameters, (*part.loc, "slices", s_index, "sources", j, "parameters"), per_model=True)
 
     # Required parameters must be set somewhere that applies to every model that needs them.
-    top = config.parameters or {}
+    above = {**(config.parameters or {}), **(part.parameters or {})}
     for pspec in spec.params:
-        if not pspec.required or pspec.name in top:
+        if not pspec.required or pspec.name in above:
             continue
         if pspec.scope == Scope.SHARED:
-            slice_has = bool(config.slices) and all(
-                pspec.name in (s.parameters or {}) for s in config.slices or []
+            slice_has = bool(part.slices) and all(
+                pspec.name in (s.parameters or {}) for s in part.slices or []
             )
             if not slice_has:
-                problems.append((("parameters",), f"{spec.name} needs `{pspec.name}` ({pspec.doc})"))
+                problems.append(
+                    ((*part.loc, "parameters"), f"{spec.name} needs `{pspec.name}` ({pspec.doc})")
+                )
             continue
-        for i, m in enumerate(config.models or []):
+        for i, m in enumerate(part.models or []):
             if pspec.scope == Scope.NON_BASE and m.model == config.base_model:
                 continue
             if pspec.name not in (m.parameters or {}):
                 problems.append(
-                    (("models", i), f"{spec.name} needs `{pspec.name}` for model '{m.model}' ({pspec.doc})")
+                    (
+                        (*part.loc, "models", i),
+                        f"{spec.name} needs `{pspec.name}` for model '{m.model}' ({pspec.doc})",
+                    )
                 )
-        for s_index, out_slice in enumerate(config.slices or []):
+        for s_index, out_slice in enumerate(part.slices or []):
             if pspec.name in (out_slice.parameters or {}):
                 continue
             base = out_slice.base_model or config.base_model
@@ -524,7 +699,7 @@ def _parameter_problems(config: MergeConfig, spec: Any) -> list[tuple[tuple[Any,
                 if pspec.name not in (src.parameters or {}):
                     problems.append(
                         (
-                            ("slices", s_index, "sources", j),
+                            (*part.loc, "slices", s_index, "sources", j),
                             f"{spec.name} needs `{pspec.name}` for model '{src.model}' ({pspec.doc})",
                         )
                     )

@@ -34,17 +34,25 @@ class RecipeProblem:
 
 
 class RecipeError(MergeError):
-    """The recipe is invalid; all problems found are reported together."""
+    """The recipe is invalid; all problems found are reported together.
 
-    def __init__(self, problems: Sequence[RecipeProblem], source: str | None = None) -> None:
+    ``notes`` are what the recipe sets to no effect (an ignored key, a parameter the method
+    does not take); they follow the problems, since a misspelt key is often their cause.
+    """
+
+    def __init__(
+        self, problems: Sequence[RecipeProblem], source: str | None = None, *, notes: Sequence[str] = ()
+    ) -> None:
         self.problems = tuple(problems)
         self.source = source
+        self.notes = tuple(notes)
         where = f" in {source}" if source else ""
         if len(self.problems) == 1:
             text = f"Invalid recipe{where}: {self.problems[0]}"
         else:
             lines = "\n".join(f"  - {p}" for p in self.problems)
             text = f"Invalid recipe{where} ({len(self.problems)} problems):\n{lines}"
+        text += "".join(f"\nnote: {note}" for note in self.notes)
         super().__init__(text)
 
     @classmethod

@@ -39,6 +39,7 @@ from engine.config import MergeConfig, Setting, ZeroEmbedding
 from engine.errors import IncompatibleModelsError, RecipeError
 from engine.methods import get_method
 from engine.methods.base import MethodSpec, ParamValue, Scope
+from engine.modules import TEXT_MODULE, module_config, module_config_key, module_of, module_tensors
 from engine.sources.base import TensorInfo
 from engine.sources.safetensors_file import DTYPES
 from engine.vocab import (
@@ -137,6 +138,8 @@ def build_plan(config: MergeConfig, models: Mapping[str, ModelMeta], *, seed: in
         IncompatibleModelsError: tensor names, shapes or layer counts disagree.
         RecipeError: a parameter resolves to an invalid value for some tensor.
     """
+    if config.modules:
+        return _build_module_plan(config, models, seed=seed)
     method = get_method(config.merge_method)
     groups = _groups(config, models)
     donor = config.base_model or config.referenced_models()[0]
@@ -182,9 +185,104 @@ def build_plan(config: MergeConfig, models: Mapping[str, ModelMeta], *, seed: in
         donor=donor,
         bytes_to_read=planner.bytes_to_read,
         bytes_to_write=sum(t.nbytes for t in tasks),
-        notes=tuple(planner.notes),
+        notes=(*config.notes, *planner.notes),
         vocab=vocab,
     )
+
+
+def _build_module_plan(
+    config: MergeConfig, models: Mapping[str, ModelMeta], *, seed: int | None
+) -> MergePlan:
+    """Plan a ``modules:`` recipe: each module is planned as a recipe of its own, over its own tensors.
+
+    A module's parameters sit between its slices' and the recipe's: a module's setting whose
+    filter misses a tensor falls through to the recipe's, as in mergekit.
+
+    Raises:
+        RecipeError: the models have a module the recipe leaves out (mergekit would write a model
+            without it), or the recipe names a module the models do not have.
+        IncompatibleModelsError, RecipeError: as :func:`build_plan`, for any module.
+    """
+    donor = config.base_model or config.referenced_models()[0]
+    donor_tensors = list(models[donor].tensors)
+    listed = set(config.modules or {})
+    left_out = {}
+    for module in dict.fromkeys(module_of(name) for name in donor_tensors):
+        if module not in listed:
+            names = module_tensors(donor_tensors, module)
+            left_out[module] = f"'{module}' ({len(names)} tensors, e.g. '{names[0]}')"
+    if left_out:
+        raise RecipeError.single(
+            "modules",
+            f"'{donor}' has modules that `modules` leaves out: {', '.join(left_out.values())}; the merged "
+            f"model would lack them. Add {', '.join(f'`{m}:`' for m in left_out)} with the models to merge "
+            "each from",
+        )
+    plans: list[MergePlan] = []
+    output_config = _output_config(config, models, donor, [], 0)
+    for part in config.parts():
+        assert part.module is not None
+        module = part.module
+        top = config.parameters or {}
+        own = part.parameters or {}
+        parameters = {
+            name: Setting((*own[name].branches, *top[name].branches))
+            if name in own and name in top
+            else own.get(name) or top[name]
+            for name in {**top, **own}
+        }
+        update: dict[str, Any] = {
+            "modules": None,
+            "models": part.models,
+            "slices": part.slices,
+            "parameters": parameters,
+        }
+        if module != TEXT_MODULE:  # the vocabulary is the text decoder's (embeddings, output head)
+            update.update(tokenizer_source=None, tokenizer=None)
+        sub = config.model_copy(update=update)
+        sub_models = {
+            ref: ModelMeta(
+                ref,
+                module_config(models[ref].config, module),
+                {n: models[ref].tensors[n] for n in module_tensors(models[ref].tensors, module)},
+                models[ref].vocabulary,
+            )
+            for ref in sub.referenced_models()
+        }
+        empty = next((ref for ref, meta in sub_models.items() if not meta.tensors), None)
+        if empty is not None:
+            raise RecipeError.single(f"modules.{module}", f"'{empty}' has no tensors of module '{module}'")
+        plan = build_plan(sub, sub_models, seed=seed)
+        plans.append(plan)
+        _merge_module_config(output_config, module, sub_models[donor].config, plan.output_config)
+    tasks = tuple(task for plan in plans for task in plan.tasks)
+    vocab = next((plan.vocab for plan in plans if plan.vocab is not None), None)
+    return MergePlan(
+        method=plans[0].method,
+        tasks=tasks,
+        output_config=output_config,
+        donor=donor,
+        bytes_to_read=sum(plan.bytes_to_read for plan in plans),
+        bytes_to_write=sum(t.nbytes for t in tasks),
+        notes=tuple(dict.fromkeys(note for plan in plans for note in plan.notes)),
+        vocab=vocab,
+    )
+
+
+def _merge_module_config(
+    out: dict[str, Any], module: str, before: Mapping[str, Any], after: Mapping[str, Any]
+) -> None:
+    """Write what planning one module changed in its part of config.json (layer count, vocabulary size)."""
+    changed = {
+        k: v for k, v in after.items() if k not in ("dtype", "torch_dtype") and before.get(k, object()) != v
+    }
+    if not changed:
+        return
+    key = module_config_key(out, module)
+    if key is not None:
+        out[key] = {**out[key], **changed}
+    elif module == TEXT_MODULE:
+        out.update(changed)
 
 
 def _vocab_plan(config: MergeConfig, models: Mapping[str, ModelMeta], base: str) -> VocabPlan | None:

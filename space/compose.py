@@ -104,6 +104,8 @@ def yaml_to_form(text: str, *, output_name: str = "", private: bool = False) -> 
     config = _validate_text(text)
     if config.slices:
         return FormReading(None, "this recipe uses `slices` (layer ranges); edit it as YAML")
+    if config.modules:
+        return FormReading(None, "this recipe merges each module its own way (`modules`); edit it as YAML")
     reasons = []
     rows = []
     for m in config.models or []:

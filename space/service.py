@@ -54,6 +54,7 @@ class CheckReport:
     bytes_to_write: int = 0
     card_markdown: str = ""
     destination: str = ""
+    notes: tuple[str, ...] = ()  # what the recipe sets to no effect (see engine.MergeConfig.notes)
 
     @property
     def ok(self) -> bool:
@@ -215,6 +216,7 @@ class SpaceService:
             bytes_to_write=write,
             card_markdown=card,
             destination=destination,
+            notes=config.notes,
         )
 
     def _lineage(self, roots: list[str]) -> Lineage:

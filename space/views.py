@@ -113,16 +113,17 @@ def _size(n: int) -> str:
 
 
 def summary_markdown(report: CheckReport) -> str:
-    """The verdict of the whole check, with the estimated size and time when it passed."""
+    """The verdict of the whole check, with the estimated size and time when it passed, and the recipe's notes."""
+    notes = "".join(f"\n- note: {n}" for n in report.notes)
     if report.ok:
         seconds = max(1, round(report.seconds_estimate))
         return (
             f"### ✓ Ready to merge into `{report.destination}`\n"
             f"Estimated output: **{_size(report.bytes_to_write)}**, about **{seconds} s** of merging. "
-            "Press **Submit** to queue it."
+            f"Press **Submit** to queue it.{notes}"
         )
     problems = "\n".join(f"- {p}" for p in report.problems)
-    return f"### ✗ This merge cannot be submitted\n{problems}"
+    return f"### ✗ This merge cannot be submitted\n{problems}{notes}"
 
 
 def card_preview(card: str) -> str:

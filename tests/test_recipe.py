@@ -98,11 +98,17 @@ parametrs: {}
     assert any(
         p.startswith("models[1].parameters.density (line 10)") and "greater than 0" in p for p in problems
     )
-    assert any("densty" in p and "Did you mean 'density'" in p for p in problems)
     assert any(p.startswith("models[1]") and "needs `weight`" in p for p in problems)
     assert any("dtype (line 12)" in p for p in problems)
-    assert any("parametrs (line 13)" in p and "Did you mean `parameters`" in p for p in problems)
+    # mergekit ignores unknown parameters and keys: notes, not problems, and shown with the refusal
+    assert not any("densty" in p or "parametrs" in p for p in problems)
+    # in the order they are written
+    assert "models[1].parameters.densty (line 11): parameter 'densty' has no effect" in info.value.notes[0]
+    assert "(did you mean 'density'?)" in info.value.notes[0]
+    assert info.value.notes[1].startswith("parametrs (line 13): field 'parametrs' has no effect")
+    assert "(did you mean `parameters`?)" in info.value.notes[1]
     assert message.startswith("Invalid recipe (")
+    assert message.endswith("\n".join(f"note: {n}" for n in info.value.notes))
 
 
 @pytest.mark.parametrize(
@@ -130,8 +136,17 @@ parametrs: {}
         ("- just\n- a list", "must be a YAML mapping"),
         ("merge_method: [unclosed", "not valid YAML"),
         (
-            "merge_method: ties\nbase_model: a\nmodules: {}\nmodels: [{model: b, parameters: {weight: 1}}]",
-            "`modules:`",
+            "merge_method: ties\nbase_model: a\nmodules: {vision: {models: [{model: b}]}}",
+            "unknown module 'vision'. Did you mean 'vision_tower'",
+        ),
+        (
+            "merge_method: ties\nbase_model: a\nmodules: {text_decoder: {parameters: {weight: 1}}}",
+            "exactly one of `models` or `slices` for this module",
+        ),
+        (
+            "merge_method: ties\nbase_model: a\nmodels: [{model: b, parameters: {weight: 1}}]\n"
+            "modules: {text_decoder: {models: [{model: b, parameters: {weight: 1}}]}}",
+            "or `modules` \\(merge each module",
         ),
     ],
 )

@@ -182,3 +182,14 @@ def test_queued_comments_show_the_place_as_the_queue_moves(world: World, serve_b
     history = [h["raw"] for h in status.edit_history][::-1]
     assert "position 2" in history[0] and any("position 1" in h for h in history[1:])
     assert "is done" in wait_reply(world, first)[0]
+
+
+def test_the_queued_comment_gives_the_recipes_notes(world: World, serve_bot: BotFactory) -> None:
+    server = serve_bot(run_jobs=False)
+    typo = RECIPE + "parameters: {nomalize: true}\nname: my-first-step\n"
+    num = ask(world, merge_command("noted", typo))
+    (queued,) = wait_reply(world, num)
+    assert "is queued" in queued and "Notes on the recipe:" in queued
+    assert "parameter 'nomalize' has no effect (did you mean 'normalize'?)" in queued
+    assert "field 'name' has no effect: mergekit-multi" in queued
+    assert len(server.bot.store.all()) == 1

@@ -65,6 +65,11 @@ def test_yaml_the_form_cannot_show_is_kept_as_yaml() -> None:
         "merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n"
     )
     assert "slices" in (yaml_to_form(sliced).advanced or "")
+    per_module = (
+        "merge_method: linear\nmodules:\n  text_decoder:\n    models: [{model: a, parameters: {weight: 1}}]\n"
+    )
+    reading = yaml_to_form(per_module)
+    assert reading.form is None and "`modules`" in (reading.advanced or "")
 
 
 def test_bad_yaml_reports_like_everywhere_else() -> None:

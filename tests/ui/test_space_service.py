@@ -68,6 +68,17 @@ def test_check_passes_with_facts_size_and_card(service: SpaceService) -> None:
     assert "```mermaid" in report.card_markdown and "demo-lab/tiny-math" in report.card_markdown
 
 
+def test_check_gives_the_recipes_notes(service: SpaceService) -> None:
+    text = recipe("demo-lab/tiny-math") + "parameters: {nomalize: true}\n"
+    report = service.check(text, name="noted")
+    assert report.ok, report.problems
+    assert (
+        len(report.notes) == 1
+        and "parameter 'nomalize' has no effect (did you mean 'normalize'?)" in report.notes[0]
+    )
+    assert service.check(recipe("demo-lab/tiny-math"), name="plain").notes == ()
+
+
 def test_check_names_every_problem_at_once(service: SpaceService) -> None:
     report = service.check(recipe("demo-lab/tiny-llama-style", "demo-lab/nope"), name="bad name!")
     assert not report.ok

@@ -66,6 +66,10 @@ def test_summary_gives_size_and_time_or_the_problems() -> None:
     )
     bad = CheckReport(problems=("`x/y` does not exist on the Hub, or the bot cannot see it.",))
     assert "cannot be submitted" in summary_markdown(bad) and "`x/y` does not exist" in summary_markdown(bad)
+    note = "parameters.nomalize (line 4): parameter 'nomalize' has no effect (did you mean 'normalize'?)"
+    assert summary_markdown(CheckReport(destination="bot/m", notes=(note,))).endswith(f"\n- note: {note}")
+    assert f"\n- note: {note}" in summary_markdown(CheckReport(problems=("bad",), notes=(note,)))
+    assert "note:" not in summary_markdown(ok)
 
 
 def test_card_preview_drops_the_front_matter() -> None:
