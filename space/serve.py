@@ -1,8 +1,8 @@
 """The Space's entry point (``app_file``): the page, the bot's webhook and its queue in one process.
 
-Configured like the bot (bot.settings): HF_TOKEN (the bot or organisation account that
-publishes merges), WEBHOOK_SECRET, MERGEBOT_DATA (use the Space's persistent storage, e.g.
-/data/mergebot, so jobs survive a restart) and optionally HF_ENDPOINT.
+Configured like the bot (bot.settings): HF_TOKEN (the bot's account), WEBHOOK_SECRET, and
+optionally MERGEBOT_NAMESPACE (an organisation to publish in), HF_ENDPOINT and MERGEBOT_DATA
+(a Space's disk is ephemeral: without it, the state lives in a cache folder until a restart).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main(host: str = "0.0.0.0", port: int = PORT) -> int:
     try:
         settings = Settings.from_env()
     except BotError as exc:
-        print(f"mergebot Space: {exc}")
+        print(f"mergebot Space: {exc}", file=sys.stderr)
         return 2
     handler = logging.StreamHandler()
     handler.addFilter(
@@ -41,7 +41,15 @@ def main(host: str = "0.0.0.0", port: int = PORT) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     disable_progress_bars()
     # "Sign in with Hugging Face" only where the Hub provides OAuth (a Space with hf_oauth: true)
-    app = create_app(Bot(settings), oauth=get_space() is not None)
+    try:
+        bot = Bot(settings)
+    except OSError as exc:  # the state folder was writable a moment ago; say so rather than a traceback
+        print(
+            f"mergebot Space: cannot use the state folder {settings.data_dir}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 2
+    app = create_app(bot, oauth=get_space() is not None)
     uvicorn.run(app, host=host, port=port, log_config=None)
     return 0
 
