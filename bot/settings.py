@@ -114,6 +114,50 @@ class Settings(BaseModel):
             raise SettingsError(f"Invalid bot settings: {', '.join(fields)}") from None
 
 
+# the variables whose values are secrets: never logged, never written into an export
+SECRET_VARIABLES = ("HF_TOKEN", "WEBHOOK_SECRET", "MERGEBOT_DB_URL")
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The values of the :data:`SECRET_VARIABLES` that are set (to keep them out of files and logs)."""
+    env = os.environ if environ is None else environ
+    return tuple(env[k] for k in SECRET_VARIABLES if env.get(k))
+
+
+class DeploySettings(BaseModel):
+    """What deploying the bot needs (``mergebot space push``, ``mergebot bot setup``): no state folder."""
+
+    model_config = ConfigDict(frozen=True)
+
+    hf_endpoint: str = "https://huggingface.co"
+    hf_token: SecretStr
+    webhook_secret: SecretStr
+    namespace: str | None = Field(default=None, pattern=_NAMESPACE)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> DeploySettings:
+        """Read HF_ENDPOINT, HF_TOKEN, WEBHOOK_SECRET and MERGEBOT_NAMESPACE.
+
+        Raises:
+            SettingsError: HF_TOKEN or WEBHOOK_SECRET is missing, or the namespace is invalid.
+        """
+        env = os.environ if environ is None else environ
+        missing = [k for k in ("HF_TOKEN", "WEBHOOK_SECRET") if not env.get(k)]
+        if missing:
+            raise SettingsError(f"Set {', '.join(missing)} in the environment to deploy the bot.")
+        try:
+            return cls(
+                hf_endpoint=env.get("HF_ENDPOINT") or "https://huggingface.co",
+                hf_token=SecretStr(env["HF_TOKEN"]),
+                webhook_secret=SecretStr(env["WEBHOOK_SECRET"]),
+                namespace=env.get("MERGEBOT_NAMESPACE") or None,
+            )
+        except ValidationError:
+            raise SettingsError(
+                "Invalid bot settings: MERGEBOT_NAMESPACE is not a Hub user or organisation name"
+            ) from None
+
+
 def _writable(folder: Path) -> bool:
     """The folder exists or could be made, and a file can be written in it."""
     try:

@@ -8,7 +8,9 @@ optionally MERGEBOT_NAMESPACE (an organisation to publish in), HF_ENDPOINT and M
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python space/serve.py`, as Spaces do: make the project importable
@@ -17,7 +19,17 @@ if __package__ in (None, ""):  # run as `python space/serve.py`, as Spaces do: m
 PORT = 7860  # the port a Space serves
 
 
-def main(host: str = "0.0.0.0", port: int = PORT) -> int:
+def address(environ: Mapping[str, str]) -> tuple[str, int]:
+    """Where to listen: gradio's own ``GRADIO_SERVER_NAME`` and ``GRADIO_SERVER_PORT``, as a Space sets them.
+
+    Defaults: every interface, port 7860. ``GRADIO_SERVER_PORT=0`` lets the system pick a free port.
+    """
+    port = environ.get("GRADIO_SERVER_PORT", "")
+    return environ.get("GRADIO_SERVER_NAME") or "0.0.0.0", int(port) if port.isdigit() else PORT
+
+
+def main(host: str | None = None, port: int | None = None) -> int:
+    """Serve the page, the webhook and the queue until stopped; 2 when the environment is unusable."""
     import uvicorn
     from gradio.utils import get_space
     from huggingface_hub.utils import disable_progress_bars
@@ -28,6 +40,9 @@ def main(host: str = "0.0.0.0", port: int = PORT) -> int:
     from bot.settings import Settings
     from space.app import create_app
 
+    default_host, default_port = address(os.environ)
+    host = default_host if host is None else host
+    port = default_port if port is None else port
     try:
         settings = Settings.from_env()
     except BotError as exc:
