@@ -55,16 +55,19 @@ def main(host: str | None = None, port: int | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     disable_progress_bars()
-    # "Sign in with Hugging Face" only where the Hub provides OAuth (a Space with hf_oauth: true)
     try:
         bot = Bot(settings)
+        # "Sign in with Hugging Face" only where the Hub provides OAuth (a Space with hf_oauth: true)
+        app = create_app(bot, oauth=get_space() is not None)
     except OSError as exc:  # the state folder was writable a moment ago; say so rather than a traceback
         print(
             f"mergebot Space: cannot use the state folder {settings.data_dir}: {exc.strerror}",
             file=sys.stderr,
         )
         return 2
-    app = create_app(bot, oauth=get_space() is not None)
+    except BotError as exc:  # the Hub refused the token (the message names no secret)
+        print(f"mergebot Space: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(app, host=host, port=port, log_config=None)
     return 0
 
