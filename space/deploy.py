@@ -110,11 +110,48 @@ def runtime_requirements(project: Path = PROJECT) -> list[str]:
     return [r for r in listed if "extra ==" not in r or any(f'extra == "{e}"' in r for e in EXTRAS)]
 
 
+def closure(requirements: Iterable[str]) -> list[str]:
+    """The requirements and, transitively, what their installed distributions require.
+
+    Markers are evaluated for this machine (a Space is Linux, at the lock's Python); a project
+    that is not installed here ends its branch (pip resolves what it needs on the Space).
+
+    Returns:
+        The requirements as given, then each further project once, by name.
+    """
+    from packaging.requirements import Requirement
+
+    given = [Requirement(r) for r in requirements]
+    wanted = [r for r in given if r.marker is None or r.marker.evaluate()]
+    seen = {_normalized(r.name) for r in wanted}
+    found: dict[str, str] = {}
+    todo = [(r.name, frozenset(r.extras)) for r in wanted]
+    while todo:
+        name, extras = todo.pop()
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            requirement = Requirement(line)
+            environments = [{"extra": e} for e in extras] or [{"extra": ""}]
+            if requirement.marker is not None and not any(
+                requirement.marker.evaluate(e) for e in environments
+            ):
+                continue
+            key = _normalized(requirement.name)
+            if key not in seen:
+                seen.add(key)
+                found[key] = requirement.name
+                todo.append((requirement.name, frozenset(requirement.extras)))
+    return [str(r) for r in given] + [found[k] for k in sorted(found)]
+
+
 def pinned(requirements: Iterable[str], versions: Mapping[str, str] | None) -> list[str]:
-    """Each requirement as ``name[extras]==version``, one per project, in the order given.
+    """Each requirement as ``name[extras]==version``, one line per project, in the order given.
 
     Args:
-        requirements: PEP 508 strings (markers are dropped: a Space is Linux with the lock's Python).
+        requirements: PEP 508 strings; markers are dropped (a Space is Linux, at the lock's Python).
         versions: the lock's versions by normalized name; None: the installed versions.
 
     Raises:
@@ -127,6 +164,8 @@ def pinned(requirements: Iterable[str], versions: Mapping[str, str] | None) -> l
             raise DeployError(f"Cannot read the requirement `{requirement}`.")
         name, extras = match.group(1), match.group(2) or ""
         key = _normalized(name)
+        if key in out:
+            continue
         if versions is not None:
             version = versions.get(key)
         else:
@@ -137,11 +176,8 @@ def pinned(requirements: Iterable[str], versions: Mapping[str, str] | None) -> l
         if version is None:
             where = "in the lock" if versions is not None else "installed"
             raise DeployError(f"`{name}` has no version {where}; re-run scripts/lock.sh, or pass --lock.")
-        version = version.split("+", 1)[0]  # a local build (torch's +cpu) is pinned by its public version
-        if key in out:
-            previous = _NAME.match(out[key])
-            extras = extras or (previous.group(2) or "" if previous else "")
-        out[key] = f"{name}{extras}=={version}"
+        # a local build (torch's +cpu) is pinned by its public version: the Space gets its own build
+        out[key] = f"{name}{extras}=={version.split('+', 1)[0]}"
     return list(out.values())
 
 
@@ -214,7 +250,7 @@ def export_space(
         raise DeployError(f"{out} is not an empty folder; choose a new one.")
     lock = lock if lock is not None else (project / "requirements.lock")
     versions = read_lock(lock) if lock.is_file() else None
-    requirements = pinned(runtime_requirements(project), versions)
+    requirements = pinned(closure(runtime_requirements(project)), versions)
     gradio = next((r for r in requirements if _normalized(r.split("[")[0].split("=")[0]) == GRADIO), None)
     if gradio is None:
         raise DeployError("mergebot's dependencies do not name gradio; the Space cannot be built.")
@@ -225,7 +261,10 @@ def export_space(
     for folder in DATA:
         _copy_tree(project / folder, out / folder)
     source = f"`{lock.name}`" if versions is not None else "the installed versions"
-    header = f"# Written by `mergebot space export` from {source}: mergebot's runtime dependencies.\n"
+    header = (
+        f"# Written by `mergebot space export` from {source}: mergebot's runtime dependencies\n"
+        "# and, pinned too, what they depend on (so the Space builds as it was tested).\n"
+    )
     (out / "requirements.txt").write_text(header + "\n".join(requirements) + "\n")
     (out / "README.md").write_text(card)
     (out / "app.py").write_text(APP)

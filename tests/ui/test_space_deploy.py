@@ -101,8 +101,12 @@ def test_requirements_are_exact_pins_of_the_lock(exported: Path, lock: Path) -> 
         assert versions.get(name) == match.group(3), line
         names.add(name)
     assert {"torch", "gradio", "transformers", "huggingface-hub", "optuna"} <= names
+    # what they depend on is pinned too, and nothing only the tests use
+    assert {"numpy", "starlette", "tokenizers", "pydantic-core"} <= names
+    assert not {"pytest", "mergekit", "playwright", "ruff", "mypy"} & names
 
 
+@pytest.mark.slow
 def test_requirements_install_in_an_empty_folder(exported: Path, tmp_path: Path) -> None:
     empty = tmp_path / "build"
     empty.mkdir()
@@ -179,6 +183,13 @@ def test_the_exported_app_starts_on_a_bare_disk(exported: Path, tmp_path: Path) 
             "GRADIO_SERVER_NAME": "127.0.0.1",
             "GRADIO_SERVER_PORT": "0",
         }
+        probe = (
+            "import importlib.util as u; print(*(u.find_spec(m).origin for m in ('space', 'bot', 'engine')))"
+        )
+        origins = subprocess.run(
+            [sys.executable, "-c", probe], cwd=exported, env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert len(origins) == 3 and all(Path(o).is_relative_to(exported) for o in origins), origins
         process = subprocess.Popen(
             [sys.executable, "app.py"],
             cwd=exported,
