@@ -335,7 +335,12 @@ class HubApp:
             return lambda: self._settings(request, key)
         if head == "discussions":
             return self._discussion_route(request, method, key, rest[1:])
-        if key.type == "space" and head in ("secrets", "hardware") and n == 1 and method == "POST":
+        if (
+            key.type == "space"
+            and head in ("secrets", "variables", "hardware")
+            and n == 1
+            and method == "POST"
+        ):
             return lambda: self._space_runtime(request, key, head)
         return None
 
@@ -510,6 +515,8 @@ class HubApp:
             if what == "secrets":
                 self.hub.spaces.set_secret(repo.repo_id, body.get("key"), body.get("value"))
                 return {}
+            if what == "variables":
+                return self.hub.spaces.set_variable(repo.repo_id, body.get("key"), body.get("value"))
             return self.hub.spaces.request_hardware(repo.repo_id, body.get("flavor"))
 
         return JSONResponse(await run_in_threadpool(run))

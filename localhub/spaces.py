@@ -1,4 +1,4 @@
-"""A stand-in for a Space's runtime settings: its secrets and its requested hardware.
+"""A stand-in for a Space's runtime settings: its secrets, variables and requested hardware.
 
 localhub runs no Space: it records what a client asked for, in memory for the life of the
 server, so tests of a deployment can see the secrets it set and the hardware it requested.
@@ -35,6 +35,7 @@ class SpaceRuntimes:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._secrets: dict[str, dict[str, str]] = {}
+        self._variables: dict[str, dict[str, str]] = {}
         self._hardware: dict[str, str] = {}
 
     def set_secret(self, repo_id: str, key: Any, value: Any) -> None:
@@ -43,12 +44,26 @@ class SpaceRuntimes:
         Raises:
             BadRequest: the key is not an environment variable name, or the value is not a string.
         """
-        if not isinstance(key, str) or not _SECRET_KEY.match(key):
-            raise BadRequest("A secret's key must be a name of letters, digits and underscores.")
-        if not isinstance(value, str):
-            raise BadRequest("A secret's value must be a string.")
+        _check(key, value)
         with self._lock:
             self._secrets.setdefault(repo_id, {})[key] = value
+
+    def set_variable(self, repo_id: str, key: Any, value: Any) -> dict[str, Any]:
+        """Set (or replace) one variable; returns all of them as the Hub lists them.
+
+        Raises:
+            BadRequest: as for :meth:`set_secret`.
+        """
+        _check(key, value)
+        with self._lock:
+            variables = self._variables.setdefault(repo_id, {})
+            variables[key] = value
+            return {k: {"value": v} for k, v in variables.items()}
+
+    def variables(self, repo_id: str) -> dict[str, str]:
+        """The Space's variables."""
+        with self._lock:
+            return dict(self._variables.get(repo_id, {}))
 
     def secrets(self, repo_id: str) -> dict[str, str]:
         """The Space's secrets, values included (for tests; the HTTP API never returns them)."""
@@ -72,3 +87,10 @@ class SpaceRuntimes:
         with self._lock:
             requested = self._hardware.get(repo_id)
         return {"stage": "NO_APP_FILE", "hardware": {"current": None, "requested": requested}}
+
+
+def _check(key: Any, value: Any) -> None:
+    if not isinstance(key, str) or not _SECRET_KEY.match(key):
+        raise BadRequest("A key must be a name of letters, digits and underscores.")
+    if not isinstance(value, str):
+        raise BadRequest("A value must be a string.")
