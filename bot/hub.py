@@ -372,6 +372,13 @@ class Hub:
             lambda: self._api.add_space_secret(repo_id, key, value),
         )
 
+    def add_space_variable(self, repo_id: str, key: str, value: str) -> None:
+        """Set the Space's variable ``key`` (visible in its settings, unlike a secret)."""
+        self._call(
+            f"setting the variable {key} of `{repo_id}`",
+            lambda: self._api.add_space_variable(repo_id, key, value),
+        )
+
     def request_space_hardware(self, repo_id: str, flavor: str) -> None:
         """Ask for ``flavor`` (e.g. ``t4-small``) for the Space; paid hardware needs billing on the account."""
         self._call(

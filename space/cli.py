@@ -2,7 +2,8 @@
 
 ``export`` writes a Space repo that builds on Hugging Face (see :mod:`space.deploy`); ``push``
 exports into a temporary folder and creates or updates the Space with it, setting its
-HF_TOKEN and WEBHOOK_SECRET secrets from the environment (against HF_ENDPOINT).
+HF_TOKEN and WEBHOOK_SECRET secrets, and its MERGEBOT_NAMESPACE variable when it is set, from
+the environment (against HF_ENDPOINT).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "HF_TOKEN": settings.hf_token.get_secret_value(),
                     "WEBHOOK_SECRET": settings.webhook_secret.get_secret_value(),
                 },
+                variables={"MERGEBOT_NAMESPACE": settings.namespace} if settings.namespace else None,
                 hardware=args.hardware,
             )
     except BotError as exc:
@@ -65,6 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.hardware:
         print(f"Requested {args.hardware} hardware (billed to the Space's owner).")
     if settings.namespace:
-        print(f"Add the variable MERGEBOT_NAMESPACE={settings.namespace} in the Space's settings.")
+        print(f"The Space publishes in {settings.namespace} (its variable MERGEBOT_NAMESPACE).")
     print(f"Next: `mergebot bot setup --space {args.repo_id}` (a webhook to {webhook_url(args.repo_id)}).")
     return 0

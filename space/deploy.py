@@ -243,9 +243,12 @@ def export_space(
         ``out``.
 
     Raises:
-        DeployError: ``out`` is not empty, a dependency has no pinned version, or the export
-            would hold a secret.
+        DeployError: ``project`` is not a checkout, ``out`` is not empty, a dependency has no
+            pinned version, or the export would hold a secret.
     """
+    absent = [name for name in (*CODE, *DATA, "space/README.md") if not (project / name).exists()]
+    if absent:
+        raise DeployError(f"{project} is not a mergebot checkout (no {', '.join(absent)}); export from one.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DeployError(f"{out} is not an empty folder; choose a new one.")
     lock = lock if lock is not None else (project / "requirements.lock")
@@ -278,12 +281,14 @@ def push_space(
     folder: Path,
     *,
     secrets: Mapping[str, str],
+    variables: Mapping[str, str] | None = None,
     hardware: str | None = None,
 ) -> str:
     """Create (or update) the Space ``repo_id`` from an exported ``folder`` and set its secrets.
 
     Args:
         secrets: the Space's secrets by name (e.g. HF_TOKEN, WEBHOOK_SECRET); values are never logged.
+        variables: the Space's (visible) variables by name (e.g. MERGEBOT_NAMESPACE).
         hardware: a flavor to request (``t4-small``...), or None to leave the Space's as it is.
 
     Returns:
@@ -295,6 +300,8 @@ def push_space(
     hub.ensure_repo(repo_id, repo_type="space", space_sdk="gradio")
     for key, value in secrets.items():
         hub.add_space_secret(repo_id, key, value)
+    for key, value in (variables or {}).items():
+        hub.add_space_variable(repo_id, key, value)
     commit = hub.upload_space(repo_id, folder, "mergebot space push")
     if hardware is not None:
         hub.request_space_hardware(repo_id, hardware)

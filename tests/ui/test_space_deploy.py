@@ -134,6 +134,8 @@ def test_an_export_that_would_hold_a_secret_is_refused(lock: Path, tmp_path: Pat
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(DeployError, match="not an empty folder"):
         export_space(tmp_path / "full", lock=lock)
+    with pytest.raises(DeployError, match="not a mergebot checkout"):
+        export_space(tmp_path / "out", project=tmp_path / "full", lock=lock)
 
 
 def _unprivileged(home: Path) -> dict[str, Any]:
@@ -265,9 +267,12 @@ def test_push_creates_the_space_with_its_secrets(
         assert "stale.py" not in files and not any(f.startswith(("tests/", "localhub/")) for f in files)
         assert hub.hub.spaces.secrets(f"{BOT}/space") == {"HF_TOKEN": BOT_TOKEN, "WEBHOOK_SECRET": SECRET}
         assert hub.hub.spaces.runtime(f"{BOT}/space")["hardware"]["requested"] == "t4-small"
+        assert hub.hub.spaces.variables(f"{BOT}/space") == {}
+        monkeypatch.setenv("MERGEBOT_NAMESPACE", "merge-lab")
         assert space_cli.main(["push", f"{BOT}/new-space", "--lock", str(lock)]) == 0
         assert api.space_info(f"{BOT}/new-space").sdk == "gradio"
         assert hub.hub.spaces.runtime(f"{BOT}/new-space")["hardware"]["requested"] is None
+        assert hub.hub.spaces.variables(f"{BOT}/new-space") == {"MERGEBOT_NAMESPACE": "merge-lab"}
         monkeypatch.setenv("HF_TOKEN", "tok-nobody-knows-this")
         assert space_cli.main(["push", f"{BOT}/space", "--lock", str(lock)]) == 2
     out = capsys.readouterr()
