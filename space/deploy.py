@@ -42,9 +42,8 @@ SKIPPED_DIRS = frozenset(
     }
 )
 SKIPPED_SUFFIXES = frozenset({".pyc", ".pyo", ".sqlite", ".db", ".env", ".log"})
-SKIPPED_FILES = frozenset(
-    {"requirements.txt", "README.md"}
-)  # of space/: the export writes its own at the root
+# of space/: the export writes its own at the root
+SKIPPED_FILES = frozenset({"requirements.txt", "README.md"})
 # the extras whose dependencies the Space needs (the Evolve tab)
 EXTRAS = ("evolve",)
 GRADIO = "gradio"
@@ -211,7 +210,8 @@ def _copy_tree(source: Path, target: Path, skipped_files: frozenset[str] = froze
 
 
 def _refuse_secrets(folder: Path, secrets: Sequence[str]) -> None:
-    needles = [s.encode() for s in secrets if s]
+    # a value this short would be found in any file: it is no secret worth the name
+    needles = [s.encode() for s in secrets if len(s) >= 8]
     for path in folder.rglob("*"):
         if not path.is_file():
             continue
