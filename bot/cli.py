@@ -33,7 +33,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--poll-interval", type=float, default=None, help="seconds between polls (0: none)")
     serve.add_argument("--progress-interval", type=float, default=None, help="seconds between progress edits")
     serve.add_argument("--shard-bytes", type=int, default=None, help="bytes per output shard")
+    setup = sub.add_parser("setup", help="create the requests repo and the Hub webhook to the bot")
+    where = setup.add_mutually_exclusive_group(required=True)
+    where.add_argument("--space", help="the bot's Space, `owner/name` (its webhook is on *.hf.space)")
+    where.add_argument("--url", help="the bot's address, e.g. https://bot.example.org")
+    setup.add_argument(
+        "--watch", action="append", default=[], help="also watch KIND:NAME (e.g. model:org/base), repeatable"
+    )
     args = parser.parse_args(list(argv or []))
+    if args.command == "setup":
+        return _setup(args.space or args.url, args.watch)
 
     import uvicorn
     from huggingface_hub.utils import disable_progress_bars
@@ -66,4 +75,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     disable_progress_bars()  # a service logs; it draws no progress bars
     app = create_app(Bot(settings))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None)
+    return 0
+
+
+def _setup(space_or_url: str, watch: Sequence[str]) -> int:
+    from huggingface_hub.utils import disable_progress_bars
+
+    from bot.deploy import parse_watch, setup_bot, webhook_url
+    from bot.errors import BotError
+    from bot.hub import Hub
+    from bot.settings import DeploySettings
+
+    disable_progress_bars()
+    try:
+        settings = DeploySettings.from_env()
+        report = setup_bot(
+            Hub(settings.hf_endpoint, settings.hf_token.get_secret_value()),
+            url=webhook_url(space_or_url),
+            secret=settings.webhook_secret.get_secret_value(),
+            namespace=settings.namespace,
+            watch=[parse_watch(w) for w in watch],
+        )
+    except BotError as exc:
+        print(f"mergebot bot setup: {exc}")
+        return 2
+    print("\n".join(report.lines()))
     return 0

@@ -338,6 +338,74 @@ class Hub:
                     log.warning("could not delete the empty repo %s (HTTP %s)", repo_id, _status(exc))
             raise
 
+    # -- deployment (`mergebot space push`, `mergebot bot setup`) -------------------------
+
+    def ensure_repo(self, repo_id: str, *, repo_type: str = "model", space_sdk: str | None = None) -> None:
+        """Create ``repo_id`` unless it exists (a Space needs its ``space_sdk``)."""
+        self._call(
+            f"creating `{repo_id}`",
+            lambda: self._api.create_repo(repo_id, repo_type=repo_type, space_sdk=space_sdk, exist_ok=True),
+        )
+
+    def upload_space(self, repo_id: str, folder: Path, message: str) -> str:
+        """Make the Space ``repo_id`` hold exactly ``folder`` (files it no longer has are deleted) in one commit.
+
+        Returns:
+            The commit's id.
+        """
+        info = self._call(
+            f"uploading to the Space `{repo_id}`",
+            lambda: self._api.upload_folder(
+                repo_id=repo_id,
+                repo_type="space",
+                folder_path=folder,
+                commit_message=message,
+                delete_patterns="*",
+            ),
+        )
+        return str(info.oid)
+
+    def add_space_secret(self, repo_id: str, key: str, value: str) -> None:
+        """Set the Space's secret ``key`` (write-only: the Hub never shows it again)."""
+        self._call(
+            f"setting the secret {key} of `{repo_id}`",
+            lambda: self._api.add_space_secret(repo_id, key, value),
+        )
+
+    def add_space_variable(self, repo_id: str, key: str, value: str) -> None:
+        """Set the Space's variable ``key`` (visible in its settings, unlike a secret)."""
+        self._call(
+            f"setting the variable {key} of `{repo_id}`",
+            lambda: self._api.add_space_variable(repo_id, key, value),
+        )
+
+    def request_space_hardware(self, repo_id: str, flavor: str) -> None:
+        """Ask for ``flavor`` (e.g. ``t4-small``) for the Space; paid hardware needs billing on the account."""
+        self._call(
+            f"requesting {flavor} for `{repo_id}`",
+            lambda: self._api.request_space_hardware(repo_id, flavor),  # type: ignore[arg-type]
+        )
+
+    def create_webhook(self, url: str, watched: Sequence[tuple[str, str]], secret: str) -> str:
+        """A webhook on the repo and discussion events of ``watched`` ((type, name) pairs) to ``url``.
+
+        Returns:
+            The webhook's id.
+        """
+        items: list[Any] = [{"type": kind, "name": name} for kind, name in watched]
+        hook = self._call(
+            "creating the webhook",
+            lambda: self._api.create_webhook(
+                url=url, watched=items, domains=["repo", "discussion"], secret=secret
+            ),
+        )
+        return str(hook.id)
+
+    def webhook_to(self, url: str) -> str | None:
+        """The id of this account's webhook that posts to ``url``, if there is one."""
+        hooks = self._call("listing the webhooks", lambda: self._api.list_webhooks())
+        return next((str(h.id) for h in hooks if h.url == url), None)
+
 
 class Publication:
     """Files staged for one atomic commit: large files are uploaded as they come, the commit lands last."""

@@ -48,8 +48,16 @@ class Bot:
         self.name = ""
 
     @property
+    def namespace(self) -> str:
+        """Where the bot publishes merges asked for in discussions or without sign-in.
+
+        ``MERGEBOT_NAMESPACE`` (an organisation the bot's token can write to), else the bot's own account.
+        """
+        return self.settings.namespace or self.name or self.hub.whoami()
+
+    @property
     def requests_repo(self) -> str:
-        return self.settings.requests_repo or f"{self.name}/requests"
+        return self.settings.requests_repo or f"{self.namespace}/requests"
 
     def start(self, *, run_jobs: bool = True) -> None:
         """Start the queue (resuming interrupted jobs) and handle deliveries left unhandled."""
@@ -217,7 +225,7 @@ class Bot:
             raise TooLargeError(bytes_to_write, limit)
 
     def _merge(self, command: cmd.Merge, user: str, report: ReportTo, source: str) -> Job:
-        destination = f"{self.name}/{command.name}"
+        destination = f"{self.namespace}/{command.name}"
         self.check_room(user, destination)
         pre = preflight(
             self.hub,
@@ -263,7 +271,7 @@ class Bot:
         """
         from bot.evolve import preflight_search
 
-        destination = f"{signed_in.user if signed_in else self.name}/{name}"
+        destination = f"{signed_in.user if signed_in else self.namespace}/{name}"
         owner = self.hub.as_user(signed_in.token.get_secret_value()) if signed_in else None
         self.check_room(user, destination, owner=owner)
         pre = preflight_search(

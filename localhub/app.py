@@ -335,6 +335,13 @@ class HubApp:
             return lambda: self._settings(request, key)
         if head == "discussions":
             return self._discussion_route(request, method, key, rest[1:])
+        if (
+            key.type == "space"
+            and head in ("secrets", "variables", "hardware")
+            and n == 1
+            and method == "POST"
+        ):
+            return lambda: self._space_runtime(request, key, head)
         return None
 
     def _discussion_route(
@@ -495,6 +502,24 @@ class HubApp:
             self.repos.update_settings, await self.identity(request), key, private, body.gated
         )
         return JSONResponse({})
+
+    async def _space_runtime(self, request: Request, key: RepoKey, what: str) -> Response:
+        identity = await self.identity(request)
+        body = await _json(request)
+        if not isinstance(body, dict):
+            raise BadRequest("The request body must be a JSON object.")
+
+        def run() -> dict[str, Any]:
+            with self.hub.db.read() as conn:
+                repo = self.hub.writable_repo(conn, identity, key.type, key.namespace, key.name)
+            if what == "secrets":
+                self.hub.spaces.set_secret(repo.repo_id, body.get("key"), body.get("value"))
+                return {}
+            if what == "variables":
+                return self.hub.spaces.set_variable(repo.repo_id, body.get("key"), body.get("value"))
+            return self.hub.spaces.request_hardware(repo.repo_id, body.get("flavor"))
+
+        return JSONResponse(await run_in_threadpool(run))
 
     # files
 

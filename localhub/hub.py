@@ -20,6 +20,7 @@ from localhub.discussions import Discussions
 from localhub.errors import Forbidden, GatedRepo, RepoNotFound, RevisionNotFound, Unauthorized
 from localhub.lfs import LinkSigner, load_or_create_key
 from localhub.repos import Commit, Repo, Repos
+from localhub.spaces import SpaceRuntimes
 from localhub.webhooks import DOMAINS, Delivery, Domain, WatchedItem, Webhook, WebhookStore
 
 
@@ -36,6 +37,7 @@ class LocalHub:
         self.repos = Repos()
         self.discussions = Discussions()
         self.webhooks = WebhookStore()
+        self.spaces = SpaceRuntimes()  # in memory: a stand-in, see localhub.spaces
         self._clock = clock
         self._outbox_listeners: list[Callable[[], None]] = []
 

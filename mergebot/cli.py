@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("engine.cli", "audit a recipe's models for compatibility, reading no weights"),
     "demo": ("mergebot.demo", "start localhub with demo models, the bot and the Space, offline"),
     "bot": ("bot.cli", "run the merge bot: webhook listener, job queue and worker"),
+    "space": ("space.cli", "deploy the Space: export its repo, or push it to the Hub"),
     "hub": ("localhub.cli", "run and administer localhub, a Hub-compatible server for offline use"),
     "evolve": ("engine.evolve.cli", "search merge coefficients with CMA-ES"),
 }

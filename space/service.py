@@ -110,8 +110,8 @@ class SpaceService:
         return self.bot.hub.endpoint
 
     def namespace(self, user: str | None = None) -> str:
-        """Where merges are published: a signed-in user's own namespace, else the bot's account."""
-        return user or self.bot.name or self.bot.hub.whoami()
+        """Where merges are published: a signed-in user's own namespace, else the bot's (MERGEBOT_NAMESPACE)."""
+        return user or self.bot.namespace
 
     def destination(self, name: str, user: str | None = None) -> str:
         return f"{self.namespace(user)}/{name}"
@@ -193,7 +193,7 @@ class SpaceService:
             context = build_context(
                 repo_id=destination or f"{self.namespace(user)}/{name or 'your-merge'}",
                 requester=self.namespace(user),
-                bot_name=self.namespace(),
+                bot_name=self.bot.name or self.bot.hub.whoami(),
                 hub_url=self.hub_url,
                 method=config.merge_method,
                 recipe_yaml=config.to_yaml(),
