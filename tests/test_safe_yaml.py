@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from engine import RecipeError, load_recipe
-from engine.cli import main
 from engine.safe_yaml import MAX_BYTES, YamlRefused, parse_bounded
+from mergebot.cli import main
 
 LINEAR = "merge_method: linear\nmodels:\n  - model: a/b\n    parameters: {weight: 1}\n  - model: a/c\n    parameters: {weight: 1}\n"
 

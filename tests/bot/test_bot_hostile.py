@@ -160,3 +160,15 @@ def test_a_failure_reason_in_the_status_table_stays_in_its_cell(world: World, se
     row = next(line for line in status.splitlines() if job.id in line)
     assert row.endswith("|") and row.count(" | ") == 2  # the reason's `|` is escaped: still three cells
     assert "bob" in row and "bob" not in live_mentions(status) and "[win](http" not in row
+
+
+def test_an_alias_bomb_search_file_in_an_evolve_command_is_refused(
+    world: World, serve_bot: BotFactory
+) -> None:
+    server = serve_bot()
+    bomb = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    bomb += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 11)]
+    body = "method: linear\n" + "\n".join(bomb) + "\n"
+    (reply,) = wait_reply(world, ask(world, f"@{BOT} evolve --name evolve-bomb\n```yaml\n{body}```\n"))
+    assert "could not use that search file" in reply and "anchors and aliases" in reply
+    assert server.bot.store.all() == []

@@ -9,8 +9,8 @@ import pytest
 from tiny_models import Family
 
 from engine.evolve import SearchFileError, load_search
-from engine.evolve.cli import main
 from engine.evolve.spec import parse_search
+from mergebot.cli import main
 
 
 def refusal(path: Path) -> str:
@@ -27,7 +27,7 @@ def test_an_alias_bomb_search_file_is_refused_by_load_search_and_the_cli(
     path = tmp_path / "bomb.yml"
     path.write_text("method: linear\n" + "\n".join(levels) + "\n", encoding="utf-8")
     assert "anchors and aliases" in refusal(path)
-    assert main([str(path), str(tmp_path / "out")]) == 1
+    assert main(["evolve", str(path), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "anchors and aliases" in err and len(err.strip().splitlines()) == 1
 
