@@ -6,7 +6,8 @@
 Modules: settings (environment), hub (every Hub call), commands (text -> command), licenses
 (licence rules), cards (model cards), jobs (store and scheduler), worker (one job),
 evolve (the `evolve` job kind), credentials (signed-in users' tokens, memory only),
-webhooks (payloads), service (routing), app (HTTP), cli (`mergebot bot serve`).
+webhooks (payloads), service (routing), app (HTTP), cli (`mergebot bot serve`),
+markdown (strangers' text escaped in comments and cards).
 """
 
 from bot.app import create_app

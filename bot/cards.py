@@ -18,6 +18,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from bot.hub import Lineage, RepoFacts
 from bot.licenses import LicenseVerdict
+from bot.markdown import prose, web_link
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "model_card_templates"
 TEMPLATE_NAME = "merge.md.jinja"
@@ -214,7 +215,7 @@ def build_context(
         lineage_truncated=lineage.truncated,
         license=verdict.license,
         license_name=verdict.license_name,
-        license_link=verdict.license_link,
+        license_link=web_link(verdict.license_link),
         commercial_use=verdict.commercial_use,
         gated=verdict.gated,
         license_reasons=verdict.reasons,
@@ -260,6 +261,7 @@ def render_card(ctx: CardContext, templates: Path = TEMPLATES) -> str:
         keep_trailing_newline=True,
     )
     env.filters["cell"] = _cell
+    env.filters["prose"] = prose
     body = env.get_template(TEMPLATE_NAME).render(ctx=ctx)
     text = f"---\n{card_metadata(ctx).to_yaml()}\n---\n\n{body}"
     ModelCard(text, ignore_metadata_errors=False)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from bot.markdown import code_span
+
 NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
 JOB_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _FENCE_RE = re.compile(
@@ -131,16 +133,16 @@ def parse(text: str, bot_name: str, author: str | None = None) -> Command | None
         return _merge(args, after, verb)
     if verb in ("status", "help", "remerge"):
         if args:
-            return Invalid(f"`{verb}` takes no arguments (got `{' '.join(args)}`).")
+            return Invalid(f"`{verb}` takes no arguments (got {code_span(' '.join(args))}).")
         table: dict[str, Command] = {"status": Status(), "help": Help(), "remerge": Remerge()}
         return table[verb]
     if verb == "cancel":
         if len(args) > 1:
             return Invalid("`cancel` takes at most one job id.")
         if args and not JOB_RE.match(args[0]):
-            return Invalid(f"`{args[0]}` is not a job id.")
+            return Invalid(f"{code_span(args[0])} is not a job id.")
         return Cancel(args[0] if args else None)
-    return Invalid(f"`{verb}` is not a command I know.")
+    return Invalid(f"{code_span(verb)} is not a command I know.")
 
 
 def _merge(args: list[str], after: str, verb: str = "merge") -> Command:
@@ -167,14 +169,14 @@ def _merge(args: list[str], after: str, verb: str = "merge") -> Command:
             name = value
         else:
             return Invalid(
-                f"`{verb}` does not take `{arg}`; it takes --name, --private and --accept-license."
+                f"`{verb}` does not take {code_span(arg)}; it takes --name, --private and --accept-license."
             )
         i += 1
     if name is None:
         return Invalid(f"`{verb}` needs `--name NAME`, the name of the new repo.")
     if not NAME_RE.match(name) or ".." in name or "--" in name:
         return Invalid(
-            f"`{name}` is not a valid repo name: use letters, digits, `-`, `_` and `.` (at most 96 characters)."
+            f"{code_span(name)} is not a valid repo name: use letters, digits, `-`, `_` and `.` (at most 96 characters)."
         )
     fence = _FENCE_RE.search(after)
     what = "the recipe" if verb == "merge" else "the search file"

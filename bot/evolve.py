@@ -40,6 +40,7 @@ from bot.errors import JobInterrupted, PreflightError
 from bot.hub import Hub, RepoFacts
 from bot.jobs import Job
 from bot.licenses import LicenseVerdict
+from bot.markdown import code_span
 from bot.worker import StatusComment, _walk_models, commit_description, hub_repo, job_marker, preflight
 from engine import MergeError
 
@@ -87,7 +88,7 @@ def parse_data_ref(text: object) -> DataRef:
     if match is None or any(part in ("", ".", "..") for part in path.split("/")):
         raise PreflightError(
             f"`evaluation.data` must be a file in a Hub repo, written {DATA_FORMS} "
-            f"(optionally `@revision` after the repo name); got `{text}`."
+            f"(optionally `@revision` after the repo name); got {code_span(str(text))}."
         )
     kind: Literal["model", "dataset"] = "dataset" if match.group("kind") == "datasets" else "model"
     return DataRef(kind, match.group("repo"), match.group("rev"), path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,11 +22,14 @@ from huggingface_hub.community import DiscussionComment as HfDiscussionComment
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 
 from bot.errors import DestinationError, HubError, PreflightError
+from bot.markdown import code_span
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,6 +89,23 @@ class CommitRef:
     message: str
 
 
+_REVISION = re.compile(r"^[A-Za-z0-9][\w.\-/]{0,254}$")
+
+
+def is_repo_id(text: str) -> bool:
+    """Whether ``text`` is a repo id by huggingface_hub's rules (``name`` or ``org/name``); syntax only."""
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def is_revision(text: str) -> bool:
+    """Whether ``text`` can name a revision: a branch, a tag, ``refs/pr/1`` or a commit; syntax only."""
+    return bool(_REVISION.match(text)) and ".." not in text
+
+
 def _status(exc: HfHubHTTPError) -> int | None:
     response = getattr(exc, "response", None)
     return getattr(response, "status_code", None)
@@ -96,6 +117,11 @@ def _as_list(value: Any) -> tuple[str, ...]:
     if isinstance(value, list):
         return tuple(str(v) for v in value if isinstance(v, str))
     return ()
+
+
+def _repo_ids(value: Any) -> tuple[str, ...]:
+    """A card's ``base_model`` entries that are repo ids; anything else a stranger wrote is dropped."""
+    return tuple(v for v in _as_list(value) if is_repo_id(v))
 
 
 class Hub:
@@ -140,8 +166,12 @@ class Hub:
             PreflightError: the repo or revision does not exist, or the bot cannot read it.
         """
         shown = f"{repo_id}@{revision}" if revision else repo_id
+        if not is_repo_id(repo_id):
+            raise PreflightError(f"{code_span(repo_id)} is not a Hub repo id.")
         try:
             info = self._api.model_info(repo_id, revision=revision)
+        except HFValidationError:  # a revision huggingface_hub refuses before asking
+            raise PreflightError(f"{code_span(shown)} is not a Hub repo id and revision.") from None
         except GatedRepoError:
             raise PreflightError(
                 f"`{shown}` is gated and the bot has no access; grant it access first."
@@ -164,7 +194,7 @@ class Hub:
             license_link=card.get("license_link") if isinstance(card.get("license_link"), str) else None,
             gated=bool(info.gated),
             private=bool(info.private),
-            base_models=_as_list(card.get("base_model")),
+            base_models=_repo_ids(card.get("base_model")),
         )
 
     def head_sha(self, repo_id: str) -> str | None:
@@ -187,6 +217,8 @@ class Hub:
         try:
             info = self._api.repo_info(repo_id, repo_type=repo_type, revision=revision)
             found = self._api.file_exists(repo_id, path, repo_type=repo_type, revision=info.sha)
+        except HFValidationError:
+            raise PreflightError(f"{code_span(shown)} is not a Hub repo id.") from None
         except GatedRepoError:
             raise PreflightError(
                 f"`{shown}` is gated and the bot has no access; grant it access first."

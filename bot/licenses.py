@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from bot.markdown import code_span
+
 Kind = Literal[
     "permissive", "share_alike", "noncommercial", "no_derivatives", "responsible_ai", "vendor", "unknown"
 ]
@@ -261,7 +263,7 @@ def decide(
     unknown = by_kind.get("unknown", [])
     needs_acceptance = bool(unknown) and not accept_license
     if unknown:
-        shown = ", ".join(f"`{p.repo_id}` ({p.license_name or key})" for p, key, _ in unknown)
+        shown = ", ".join(f"`{p.repo_id}` ({code_span(p.license_name or key)})" for p, key, _ in unknown)
         if accept_license:
             notes.append(f"Unrecognised licences accepted by the requester: {shown}.")
             obligations.append("Follow the terms of every parent's own licence (see their cards).")

@@ -17,19 +17,32 @@ from bot.credentials import Credentials, UserCredential
 from bot.errors import BotError, DestinationError, JobNotFound, QuotaError, TooLargeError
 from bot.hub import DiscussionComment, Hub
 from bot.jobs import ACTIVE, Job, JobQueue, JobSpec, JobStore, ReportTo, make_engine
+from bot.markdown import code_block, prose, quiet_mentions
 from bot.settings import Settings
 from bot.webhooks import DiscussionEvent, RepoUpdate, delivery_key, parse_event
 from bot.worker import Worker, _walk_models, hub_repo, preflight, queued_text
 from engine import MergeError, RecipeError
+from engine.evolve.errors import SearchFileError
 
 log = logging.getLogger(__name__)
 
 
 def user_message(exc: Exception) -> str:
-    """The one table that turns errors into discussion replies."""
-    if isinstance(exc, RecipeError):
-        return f"❌ I could not use that recipe.\n\n```\n{exc}\n```\n\nNothing was queued; fix the recipe and ask again."
-    if isinstance(exc, MergeError | BotError):
+    """The one table that turns errors into discussion replies.
+
+    The engine's messages are plain text that quote the user's YAML (keys, values), so they are
+    shown in a code block nothing in them can close; the bot's own messages are markdown whose
+    quoted user text is already escaped (see :mod:`bot.markdown`).
+    """
+    if isinstance(exc, RecipeError | SearchFileError):
+        what = "recipe" if isinstance(exc, RecipeError) else "search file"
+        return (
+            f"❌ I could not use that {what}.\n\n{code_block(str(exc))}\n\n"
+            f"Nothing was queued; fix the {what} and ask again."
+        )
+    if isinstance(exc, MergeError):
+        return f"❌ I could not do that.\n\n{code_block(str(exc))}\n\nNothing was queued."
+    if isinstance(exc, BotError):
         return f"❌ {exc}\n\nNothing was queued."
     return "❌ Something went wrong on my side; nothing was queued. The bot's operator has the details."
 
@@ -162,8 +175,8 @@ class Bot:
         except Exception as exc:
             log.exception("command in %s #%d failed", repo_id, num)
             reply = user_message(exc)
-        if reply:
-            self.hub.comment(repo_id, num, reply)
+        if reply:  # the bot addresses only the requester (and names itself): other @names go inert
+            self.hub.comment(repo_id, num, quiet_mentions(reply, keep=(comment.author, self.name)))
 
     # -- commands -----------------------------------------------------------------------
 
@@ -369,7 +382,8 @@ class Bot:
             elif job.state == "running":
                 state = f"running ({round(100 * job.progress)}%)"
             elif job.state == "failed":
-                state = f"failed: {(job.reason or '').splitlines()[0][:120]}"
+                first = next(iter((job.reason or "").splitlines()), "")
+                state = f"failed: {prose(first[:120])}"
             elif job.state == "needs_sign_in":
                 state = "waiting: sign in again on the Space to resume it"
             lines.append(f"| `{job.id}` | {job.spec.destination} | {state} |")

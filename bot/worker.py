@@ -21,9 +21,10 @@ import yaml
 from bot.cards import SearchHistory, build_context, render_card
 from bot.credentials import Credentials
 from bot.errors import BotError, HubError, JobCancelled, JobInterrupted, LicenseRefused, PreflightError
-from bot.hub import Hub, Lineage, RepoFacts
+from bot.hub import Hub, Lineage, RepoFacts, is_repo_id, is_revision
 from bot.jobs import SIGN_IN_EXPIRED, Job, JobStore
 from bot.licenses import LicenseVerdict, ParentLicense, decide
+from bot.markdown import code_block, code_span, quiet_mentions
 from bot.settings import Settings
 from engine import (
     MergeConfig,
@@ -88,11 +89,36 @@ def hub_repo(reference: str) -> tuple[str, str | None]:
         PreflightError: it is a local path, or not an ``org/name`` id (the bot reads only Hub repos).
     """
     parsed = parse_hub_reference(reference)
-    if parsed is None or reference.startswith((".", "/", "~")) or os.path.exists(reference):
+    if (
+        parsed is None
+        or reference.startswith((".", "/", "~"))
+        or not is_repo_id(parsed[0])
+        or (parsed[1] is not None and not is_revision(parsed[1]))
+    ):
+        # Syntax only: the text is never looked up on the bot's own disk, so the answer is
+        # the same whether or not such a path exists there.
         raise PreflightError(
-            f"`{reference}` is not a Hub repo id; the bot merges Hub repos (`org/name`) only."
+            f"{code_span(reference)} is not a Hub repo id; the bot merges Hub repos "
+            "(`org/name`, optionally `@revision`) only."
         )
     return parsed
+
+
+def pinned_recipe(config: MergeConfig, facts: Mapping[str, RepoFacts]) -> MergeConfig:
+    """The recipe with each model written ``org/name@sha``, the commit in ``facts`` (keyed by repo id).
+
+    A pinned reference is read from the Hub at that commit, never from a folder of the same
+    name on the bot's disk.
+
+    Raises:
+        PreflightError: a reference is not a Hub repo id.
+        KeyError: ``facts`` lacks one of the recipe's repos.
+    """
+    pins = {ref: f"{hub_repo(ref)[0]}@{facts[hub_repo(ref)[0]].sha}" for ref in config.referenced_models()}
+    pinned_yaml = yaml.safe_dump(
+        _walk_models(yaml.safe_load(config.to_yaml()), lambda ref: pins.get(ref, ref)), sort_keys=False
+    )
+    return load_recipe(pinned_yaml)
 
 
 def preflight(
@@ -106,7 +132,6 @@ def preflight(
     """
     config = recipe if isinstance(recipe, MergeConfig) else load_recipe(recipe)
     facts: dict[str, RepoFacts] = {}
-    pins: dict[str, str] = {}
     for ref in config.referenced_models():
         repo_id, revision = hub_repo(ref)
         f = hub.repo_facts(repo_id, revision)
@@ -114,11 +139,7 @@ def preflight(
         if previous is not None and previous.sha != f.sha:
             raise PreflightError(f"`{repo_id}` is named at two different revisions; use one.")
         facts[repo_id] = f
-        pins[ref] = f"{repo_id}@{f.sha}"
-    pinned_yaml = yaml.safe_dump(
-        _walk_models(yaml.safe_load(config.to_yaml()), lambda ref: pins.get(ref, ref)), sort_keys=False
-    )
-    pinned = load_recipe(pinned_yaml)
+    pinned = pinned_recipe(config, facts)
     verdict = decide(
         [
             ParentLicense(f.repo_id, f.license, f.license_name, f.license_link, f.gated)
@@ -166,6 +187,7 @@ class StatusComment:
         if not force and now - self._last < self._interval:
             return
         self._last = now
+        text = quiet_mentions(text, keep=(self._job.spec.requester,))  # failure reasons quote the recipe
         try:
             if self._comment is None:
                 self._comment = self._hub.comment(report.repo_id, report.num, text)
@@ -247,7 +269,10 @@ class Worker:
             else:
                 status.show(f"❌ Job `{job.id}` failed: {exc}\n\nNothing was published.")
                 self.store.finish(job.id, "failed", reason=str(exc))
-        except (BotError, MergeError) as exc:
+        except MergeError as exc:  # the engine's plain text can quote a parent's files: shown as code
+            status.show(f"❌ Job `{job.id}` failed:\n\n{code_block(str(exc))}\n\nNothing was published.")
+            self.store.finish(job.id, "failed", reason=str(exc))
+        except BotError as exc:
             status.show(f"❌ Job `{job.id}` failed: {exc}\n\nNothing was published.")
             self.store.finish(job.id, "failed", reason=str(exc))
         except Exception:

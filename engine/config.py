@@ -20,6 +20,7 @@ from engine.errors import RecipeError, RecipeProblem
 from engine.methods import METHODS, all_param_names, unknown_method_message
 from engine.methods.base import MethodSpec, ParamSpec, ParamValue, Scope
 from engine.modules import MODULE_NAMES
+from engine.safe_yaml import YamlRefused, list_problems, parse_bounded, read_bounded
 from engine.yaml_locations import describe, line_index
 
 Scalar = bool | int | float | str
@@ -123,7 +124,7 @@ Parameters = dict[str, SettingField]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _model_reference(value: Any) -> str:
@@ -275,7 +276,13 @@ class RecipePart:
 
 
 class _RecipeDumper(yaml.SafeDumper):
-    """Writes gradients (lists of numbers) on one line, as recipes are usually written."""
+    """Writes gradients (lists of numbers) on one line, as recipes are usually written.
+
+    Never writes anchors or aliases, which :func:`load_recipe` refuses.
+    """
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
@@ -316,16 +323,15 @@ def load_recipe(source: str | os.PathLike[str], *, name: str | None = None) -> M
     text, origin = _read_source(source)
     origin = name or origin
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError.single(where, f"not valid YAML: {problem}", source=origin) from None
+        data, node = parse_bounded(text)
+    except YamlRefused as exc:
+        raise RecipeError([RecipeProblem(p.location, p.message) for p in exc.problems], origin) from None
     if not isinstance(data, dict):
         raise RecipeError.single("", "a recipe must be a YAML mapping with at least `merge_method`", origin)
     lines = line_index(node)
+    too_long = list_problems(data)
+    if too_long:
+        raise RecipeError([_problem(loc, msg, lines) for loc, msg in too_long], source=origin)
     return validate_recipe(data, lines=lines, source=origin)
 
 
@@ -335,10 +341,11 @@ def _read_source(source: str | os.PathLike[str]) -> tuple[str, str | None]:
     ):
         path = os.fspath(source)
         try:
-            with open(path, encoding="utf-8") as f:
-                return f.read(), path
+            return read_bounded(path), path
         except OSError as exc:
             raise RecipeError.single("", f"cannot read the recipe file {path}: {exc.strerror}") from None
+        except YamlRefused as exc:
+            raise RecipeError([RecipeProblem(p.location, p.message) for p in exc.problems], path) from None
     return str(source), None
 
 

@@ -27,7 +27,7 @@ from bot.hub import Lineage, RepoFacts
 from bot.jobs import Job, JobSpec
 from bot.licenses import LicenseVerdict, ParentLicense, decide
 from bot.service import Bot
-from bot.worker import READ_BYTES_PER_S, hub_repo, preflight
+from bot.worker import READ_BYTES_PER_S, hub_repo, pinned_recipe, preflight
 from engine import MergeConfig, MergeError, MergeOptions, RecipeError, build_plan, load_recipe
 from engine.check import Audit, audit_models
 from engine.run import OpenModels
@@ -149,12 +149,14 @@ class SpaceService:
         elif self.bot.destination_taken(destination):
             problems.append(f"`{destination}` already exists; choose another name.")
         facts: dict[str, RepoFacts] = {}
+        all_read = True
         for ref in config.referenced_models():
             try:
                 repo_id, revision = hub_repo(ref)
                 facts.setdefault(repo_id, self.bot.hub.repo_facts(repo_id, revision))
             except BotError as exc:
                 problems.append(str(exc))
+                all_read = False
         verdict = decide(
             [
                 ParentLicense(f.repo_id, f.license, f.license_name, f.license_link, f.gated)
@@ -167,18 +169,19 @@ class SpaceService:
             problems.append("The parents' licences do not allow this merge (see the licence verdict).")
         audit = None
         read = write = 0
-        if len(facts) == len({hub_repo(r)[0] for r in config.referenced_models()}):
+        if all_read:
             options = MergeOptions(
                 hub_endpoint=self.bot.settings.hf_endpoint,
                 hub_token=self.bot.settings.hf_token.get_secret_value(),
                 device="cpu",
             )
+            pinned = pinned_recipe(config, facts)  # read from the Hub, never from the Space's disk
             try:
-                with OpenModels(config, options) as opened:
+                with OpenModels(pinned, options) as opened:
                     metadata = opened.metadata()
-                    audit = audit_models(config, metadata)
+                    audit = audit_models(pinned, metadata)
                     if audit.ok:
-                        plan = build_plan(config, metadata)
+                        plan = build_plan(pinned, metadata)
                         read, write = plan.bytes_to_read, plan.bytes_to_write
                         self.bot.check_size(write)
             except (MergeError, BotError) as exc:

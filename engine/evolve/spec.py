@@ -43,7 +43,6 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.config import DTypeName, validate_recipe
@@ -51,6 +50,7 @@ from engine.errors import RecipeError
 from engine.evolve.errors import SearchFileError, SearchProblem
 from engine.methods import METHODS, unknown_method_message
 from engine.methods.base import MethodSpec, ParamSpec, Scope
+from engine.safe_yaml import YamlRefused, list_problems, parse_bounded, read_bounded
 from engine.yaml_locations import describe, line_index
 
 EvaluationKind = Literal["lm_eval", "perplexity", "exact_match", "loglikelihood"]
@@ -64,7 +64,7 @@ def _default_baselines() -> list[BaselineName]:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Range(_Strict):
@@ -170,10 +170,11 @@ def load_search(path: str | os.PathLike[str]) -> SearchSpec:
     """
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_bounded(path)
     except OSError as exc:
         raise SearchFileError.single("", f"cannot read the search file {path}: {exc.strerror}") from None
+    except YamlRefused as exc:
+        raise SearchFileError([SearchProblem(p.location, p.message) for p in exc.problems], path) from None
     data, lines = parse_search(text, source=path)
     return validate_search(data, base_dir=os.path.dirname(os.path.abspath(path)), lines=lines, source=path)
 
@@ -187,19 +188,18 @@ def parse_search(
         SearchFileError: not valid YAML (with where), or not a mapping.
     """
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
-        raise SearchFileError.single(
-            where, f"not valid YAML: {getattr(exc, 'problem', exc)}", source
-        ) from None
+        data, node = parse_bounded(text)
+    except YamlRefused as exc:
+        raise SearchFileError([SearchProblem(p.location, p.message) for p in exc.problems], source) from None
     if not isinstance(data, dict):
         raise SearchFileError.single(
             "", "a search file must be a YAML mapping (see `mergebot evolve --help`)", source
         )
-    return data, line_index(node)
+    lines = line_index(node)
+    too_long = list_problems(data)
+    if too_long:
+        raise SearchFileError([_problem(loc, msg, lines) for loc, msg in too_long], source=source)
+    return data, lines
 
 
 def validate_search(

@@ -7,6 +7,7 @@ space) is derived from these declarations, so a method's parameters are listed o
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -60,6 +61,8 @@ class ParamSpec:
                 raise ValueError(f"expected a number, got {value!r}") from None
         if not isinstance(value, int | float):
             raise ValueError(f"expected a number, got {value!r}")
+        if not math.isfinite(value):  # `"nan"` and `1e999` (strings in YAML 1.1) become floats above
+            raise ValueError(f"expected a finite number, got {value!r}")
         if self.kind == "int":
             if float(value) != int(value):
                 raise ValueError(f"expected a whole number, got {value!r}")
