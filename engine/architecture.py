@@ -108,6 +108,17 @@ def is_pre_weight(name: str) -> bool:
     return any(hint in name for hint in _EMBEDDING_HINTS) and name not in TIED_HEADS
 
 
+# Words that mark a tensor of another module than the language model (a vision or audio tower, the
+# projector between them): such tensors stay together, from one model, in a stacked merge.
+_MODULE_HINTS = ("vision", "visual", "image", "audio", "speech", "projector", "multi_modal", "connector")
+
+
+def is_other_module(name: str) -> bool:
+    """Whether a tensor belongs to a vision or audio tower or its projector, by its name."""
+    lowered = name.lower()
+    return any(hint in lowered for hint in _MODULE_HINTS)
+
+
 def _role(prefix: str) -> Role:
     words = prefix.lower().split(".")
     if any(w in ("vit", "siglip", "clip") or "vision" in w or "visual" in w or "image" in w for w in words):

@@ -16,8 +16,9 @@ Layer numbers, gradients and slices refer to one layer stack (:mod:`engine.archi
 the language model's, in a checkpoint that also holds a vision tower or an encoder. Every
 other stack is merged whole with the recipe's method, never sliced nor stacked: with
 ``models:`` each of its layers sits on the gradient along its own depth (mergekit does the
-same per module); with ``slices:`` its tensors are outside the blocks (``t = 0``, the last
-slice's models).
+same per module); with ``slices:`` its tensors are outside the blocks (``t = 0``), and a
+vision or audio tower and its projector come whole from the first slice's models, as the
+embeddings do (an encoder-decoder's other stack, like its final norms, from the last slice's).
 
 With ``tokenizer_source`` (or a ``tokenizer:`` block) the models' vocabularies, read
 beforehand into :attr:`ModelMeta.vocabulary`, give the output vocabulary
@@ -40,6 +41,7 @@ from engine.architecture import (
     LayerStack,
     default_stack,
     find_stacks,
+    is_other_module,
     is_pre_weight,
     parse_layer_name,
     restack_config,
@@ -170,8 +172,9 @@ def build_plan(config: MergeConfig, models: Mapping[str, ModelMeta], *, seed: in
 
     # Names outside the blocks, in the donor's order: embeddings first, then the rest.
     outside = [n for n in reference_model.tensors if stack is None or stack.layer_of(n) is None]
-    pre = [n for n in outside if is_pre_weight(n)]
-    post = [n for n in outside if not is_pre_weight(n)]
+    # the embeddings, and a vision or audio tower with its projector (whole, from one model), come first
+    pre = [n for n in outside if is_pre_weight(n) or is_other_module(n)]
+    post = [n for n in outside if not (is_pre_weight(n) or is_other_module(n))]
     first, last = groups[0], groups[-1]
     others = [s for s in reference_model.stacks if s != stack] if config.models else []
     for name in pre:
