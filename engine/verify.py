@@ -178,13 +178,19 @@ def check_loads(folder: str | os.PathLike[str], shapes: Mapping[str, tuple[int, 
 
     config_data = read_config(folder)
     names = written_names(folder)
+    known = config_data.get("model_type") in transformers.CONFIG_MAPPING
+    if not known:
+        log.info(
+            "transformers does not know the model type %r; loading was not checked",
+            config_data.get("model_type"),
+        )
+        return False
     try:
         config = transformers.AutoConfig.from_pretrained(os.fspath(folder), trust_remote_code=False)
-    except ValueError as exc:
-        if "auto_map" in config_data or "model_type" not in config_data:
-            log.info("transformers does not know this architecture; its loading was not checked: %s", exc)
-            return False
-        raise VerificationError([f"transformers cannot read config.json: {exc}"]) from None
+    except (
+        Exception
+    ) as exc:  # transformers rejects a config with ValueError or its dataclass validation errors
+        raise VerificationError([f"transformers cannot read config.json: {_first_line(exc)}"]) from None
     model_class = _model_class(transformers, config)
     if model_class is None:
         log.info(
@@ -196,7 +202,9 @@ def check_loads(folder: str | os.PathLike[str], shapes: Mapping[str, tuple[int, 
         with torch.device("meta"):
             model = model_class(config)
     except Exception as exc:  # transformers' own errors for a config it cannot build: the output is broken
-        raise VerificationError([f"transformers cannot build the model from config.json: {exc!r}"]) from None
+        raise VerificationError(
+            [f"transformers cannot build the model from config.json: {_first_line(exc)}"]
+        ) from None
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     loaded = _renamed(model, names, expected)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
@@ -232,6 +240,11 @@ def check_loads(folder: str | os.PathLike[str], shapes: Mapping[str, tuple[int, 
     if problems:
         raise VerificationError(problems)
     return True
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {' '.join(lines)[:300]}" if lines else type(exc).__name__
 
 
 def _model_class(transformers: Any, config: Any) -> Any:

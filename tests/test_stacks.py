@@ -188,3 +188,21 @@ def test_stack_problems_name_a_list_left_at_the_old_depth() -> None:
     assert any("text_config.moe_layers` names layers outside 0..2" in p for p in problems), problems
     top_level = {"text_config": {"num_hidden_layers": 2}, "num_hidden_layers": 3}  # the bug
     assert any("layers [2]" in p for p in stack_problems(top_level, out_names, donor))
+
+
+def test_a_gradient_runs_along_each_stacks_own_depth() -> None:
+    models = {m: meta(m, QWEN2_VL_7B, qwen2_vl_names()) for m in ("a", "b")}
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": "a", "parameters": {"weight": [0.0, 1.0]}},
+            {"model": "b", "parameters": {"weight": 1.0}},
+        ],
+    }
+    plan = build_plan(validate_recipe(recipe), models)
+    weight = {t.name: t.input_params[0]["weight"] for t in plan.tasks}
+    assert weight["model.layers.27.mlp.up_proj.weight"] == pytest.approx(1.0)
+    assert weight["model.layers.9.mlp.up_proj.weight"] == pytest.approx(9 / 27)
+    assert weight["visual.blocks.31.mlp.fc1.weight"] == pytest.approx(1.0)  # not 31/27, nor left out
+    assert weight["visual.blocks.9.mlp.fc1.weight"] == pytest.approx(9 / 31)
+    assert weight["model.embed_tokens.weight"] == weight["visual.merger.mlp.0.weight"] == 0.0

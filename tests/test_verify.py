@@ -123,3 +123,11 @@ def test_a_failed_verification_is_one_line_and_writes_nothing(
     assert err.startswith("error: The merged model failed verification") and err.count("\n") == 1, err
     assert "`num_hidden_layers` says 2 layers, but 'model.layers' has layers [2]" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yml"]  # no output, no staging folder
+
+
+def test_a_config_transformers_rejects_is_one_clear_error(merged: Path, tmp_path: Path) -> None:
+    # the passthrough bug on Gemma 3 and Qwen2: `layer_types` left at another depth than the layers
+    stale = {"layer_types": ["full_attention"] * 3}
+    with pytest.raises(VerificationError, match=r"transformers cannot read config\.json: .*layer_types") as caught:
+        check_loads(edited(merged, tmp_path / "stale", config=stale))
+    assert "\n" not in str(caught.value)
