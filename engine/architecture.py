@@ -187,18 +187,6 @@ def default_stack(stacks: Iterable[LayerStack]) -> LayerStack | None:
     return ranked[0] if ranked else None
 
 
-def layer_count(config: Mapping[str, Any], names: Iterable[str]) -> int:
-    """Number of layers of the default stack: from config.json when it says, else counted from names."""
-    stack = default_stack(find_stacks(config, names))
-    if stack is not None:
-        return stack.count
-    for key in LAYER_COUNT_KEYS:
-        value = config.get(key)
-        if isinstance(value, int) and value >= 0:
-            return value
-    return 0
-
-
 def _is_index_list(values: list[Any], count: int) -> bool:
     return all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < count for v in values) and all(
         a < b for a, b in pairwise(values)
