@@ -195,6 +195,8 @@ def build_plan(config: MergeConfig, models: Mapping[str, ModelMeta], *, seed: in
             planner.add(head, [(s, head) for s in last.sources], last, t=0.0)
 
     output_config = _output_config(config, models, donor, groups)
+    if stack is not None and len(reference_model.stacks) > 1:
+        planner.notes.append(stack_note(stack, reference_model.stacks))
     if vocab is not None:
         _set_vocab_size(output_config, vocab.size)
         planner.notes.extend(vocab_notes(vocab, donor))
@@ -256,6 +258,15 @@ def _vocab_plan(config: MergeConfig, models: Mapping[str, ModelMeta], base: str)
         limits,
         extra_tokens=rules,
         pad_to_multiple_of=block.pad_to_multiple_of if block else None,
+    )
+
+
+def stack_note(stack: LayerStack, stacks: Sequence[LayerStack]) -> str:
+    """Which layers a recipe's layer numbers and gradients refer to, when a model has several stacks."""
+    others = ", ".join(f"'{s.prefix}' ({s.role}, {s.count} layers)" for s in stacks if s != stack)
+    return (
+        f"layer numbers refer to '{stack.prefix}' ({stack.role}, {stack.count} layers); "
+        f"merged whole, never stacked: {others}"
     )
 
 

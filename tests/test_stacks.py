@@ -155,6 +155,10 @@ def test_the_plan_keeps_every_vision_block_and_stacks_the_language_model(method:
     assert layers == set(range(depth))
     assert plan.output_config["num_hidden_layers"] == depth
     assert plan.output_config["vision_config"] == QWEN2_VL_7B["vision_config"]
+    assert plan.notes == (
+        "layer numbers refer to 'model.layers' (language, 28 layers); "
+        "merged whole, never stacked: 'visual.blocks' (vision, 32 layers)",
+    )
     if method == "passthrough":
         sources = {t.inputs[0].model for t in plan.tasks if t.name.startswith("visual.")}
         assert sources == {"a"}  # the whole tower from one model
