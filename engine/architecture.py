@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, Literal
 
+from engine.errors import IncompatibleModelsError
+
 # The first ``<word>.<index>.`` names the block: ``encoder.block.3.layer.0`` is block 3 of ``encoder.block``.
 _LAYER = re.compile(
     r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|block|layer|decoder_layers))\.(?P<index>\d+)\.(?P<rest>.+)$"
@@ -218,17 +220,32 @@ def restack_config(
     """``config`` with ``stack`` rebuilt from ``layers``, one (source model's config, its layer) per output layer.
 
     The new count is written where the config keeps it (``text_config.num_hidden_layers``,
-    ``decoder_layers``); per-layer lists take each output layer's entry from its source, and
-    index lists (``moe_layers``) are renumbered to the output layers whose source was listed.
+    ``decoder_layers``, and a top-level copy of it); per-layer lists take each output layer's
+    entry from its source, and index lists (``moe_layers``) are renumbered to the output layers
+    whose source was listed.
+
+    Raises:
+        IncompatibleModelsError: a source's per-layer list has no entry for its layer.
     """
     out = dict(config)
-    settings = dict(stack.settings(config))
+    before = stack.settings(config)
+    settings = dict(before)
     if stack.count_key is not None:
         settings[stack.count_key] = len(layers)
-    for key, kind in layer_lists(stack.settings(config), stack.count).items():
+    for key, kind in layer_lists(before, stack.count).items():
         fallback = settings[key]
         if kind == "per_layer":
-            settings[key] = [_source_list(stack, cfg, key, fallback)[layer] for cfg, layer in layers]
+            entries = []
+            for cfg, layer in layers:
+                values = _source_list(stack, cfg, key, fallback)
+                if layer >= len(values):
+                    raise IncompatibleModelsError(
+                        f"`{key}` in a source model's config.json has {len(values)} entries, "
+                        f"so layer {layer} cannot be stacked; the models do not share an architecture",
+                        field=key,
+                    )
+                entries.append(values[layer])
+            settings[key] = entries
         else:
             settings[key] = [
                 i
@@ -241,6 +258,9 @@ def restack_config(
         out.update(settings)
     else:
         out[stack.section] = settings
+        for key, value in settings.items():  # some configs repeat the language model's settings at the top
+            if key in config and config[key] == before.get(key) and value != before.get(key):
+                out[key] = value
     return out
 
 

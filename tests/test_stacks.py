@@ -15,7 +15,7 @@ import pytest
 
 from engine.architecture import default_stack, find_stacks, layer_lists, parse_layer_name, restack_config
 from engine.config import validate_recipe
-from engine.errors import VerificationError
+from engine.errors import IncompatibleModelsError, VerificationError
 from engine.plan import ModelMeta, build_plan
 from engine.sources.base import TensorInfo
 from engine.verify import check_plan, stack_problems
@@ -127,6 +127,15 @@ def test_restack_takes_each_layers_entries_from_its_source() -> None:
     }
     assert "num_hidden_layers" not in out and out["vision_config"] == {}
     assert a["text_config"]["num_hidden_layers"] == 2  # the donor's config is not changed
+    # a top-level copy of the language model's settings follows; a different top-level value is not its copy
+    both = {**a, "num_hidden_layers": 2, "layer_types": ["a0", "a1"], "moe_layers": [7]}
+    out = restack_config(both, stack, [(a, 0), (a, 1), (a, 1)])
+    assert (out["num_hidden_layers"], out["layer_types"], out["moe_layers"]) == (3, ["a0", "a1", "a1"], [7])
+    short = {"text_config": {"num_hidden_layers": 2, "layer_types": ["b0"]}}
+    with pytest.raises(
+        IncompatibleModelsError, match=r"`layer_types` in a source model's config\.json has 1 entries"
+    ):
+        restack_config(a, stack, [(a, 0), (short, 1)])
 
 
 @pytest.mark.parametrize("method", ["linear", "passthrough"])
