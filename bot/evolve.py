@@ -43,6 +43,7 @@ from bot.licenses import LicenseVerdict
 from bot.markdown import code_span
 from bot.worker import StatusComment, _walk_models, commit_description, hub_repo, job_marker, preflight
 from engine import MergeError
+from engine.verify import check_loads
 
 if TYPE_CHECKING:  # engine.evolve imports optuna and transformers: only when a search runs
     from bot.worker import Worker
@@ -387,6 +388,7 @@ def _publish(
     )
     lineage = worker.hub.lineage(list(pre.facts), worker.settings.lineage_depth)
     model = out / "model"
+    check_loads(model)  # nothing is published unless transformers loads the best merge
     with publisher.publication(spec.destination, private=spec.private, gated=pre.verdict.gated) as pub:
         for file in sorted(model.iterdir()):
             if not file.is_file() or file.name in ("README.md", "mergekit_config.yml"):

@@ -375,6 +375,7 @@ class Worker:
                     hub_token=token,
                     device=self.settings.device,
                     out_shard_size=self.settings.shard_bytes,
+                    verify=True,  # nothing is committed unless transformers loads the output
                 ),
                 progress=progress,
                 on_shard=lambda path: pub.upload_now(os.path.basename(path), Path(path)),

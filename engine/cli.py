@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the plan and exit without reading tensors"
     )
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds files")
+    merge.add_argument(
+        "--verify",
+        action="store_true",
+        help="before writing OUT_DIR, check that transformers builds the output's config and expects "
+        "exactly its tensors (on the meta device: no weights are loaded)",
+    )
     merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     tok = merge.add_mutually_exclusive_group()
     tok.add_argument(
@@ -154,6 +160,7 @@ def _merge(args: argparse.Namespace) -> int:
         copy_tokenizer=args.copy_tokenizer,
         overwrite=args.overwrite,
         base_dir=os.path.dirname(os.path.abspath(args.recipe)),
+        verify=args.verify,
     )
     _audit(config, options, args.allow_crimes)
     if args.dry_run:

@@ -6,7 +6,8 @@
     ├── UnsafeWeightsError          only pickled weights are available and pickle was not allowed
     ├── SafetensorsFormatError      a weights file is corrupt or hostile
     ├── IncompatibleModelsError     models disagree (architecture, tensor names, shapes, layers)
-    └── OutputError                 the output folder cannot be written
+    ├── OutputError                 the output folder cannot be written
+    └── VerificationError           the merged output is not the model the plan promised (not published)
 
 Each error carries the fields it is about and builds its own message, so every edge
 (CLI, discussion reply, Space) can show ``str(error)`` unchanged.
@@ -100,3 +101,16 @@ class OutputError(MergeError):
         self.path = path
         self.reason = reason
         super().__init__(f"Cannot write the output to {path}: {reason}")
+
+
+class VerificationError(MergeError):
+    """The output failed verification: tensors missing or unexpected, or a config transformers rejects."""
+
+    def __init__(self, problems: Sequence[str], shown: int = 5) -> None:
+        self.problems = tuple(problems)
+        listed = "; ".join(self.problems[:shown])
+        more = f" (and {len(self.problems) - shown} more)" if len(self.problems) > shown else ""
+        super().__init__(
+            f"The merged model failed verification, so it was not written or published: {listed}{more}. "
+            "This is a bug in mergebot for these models: please report it with the recipe."
+        )

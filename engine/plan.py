@@ -12,6 +12,14 @@ because existing recipes depend on them:
   the *first* value of a gradient, and come from the first slice's models (embeddings) or
   the last slice's models (norm and head).
 
+Layer numbers, gradients and slices refer to one layer stack (:mod:`engine.architecture`):
+the language model's, in a checkpoint that also holds a vision tower or an encoder. Every
+other stack is merged whole with the recipe's method, never sliced nor stacked: with
+``models:`` each of its layers sits on the gradient along its own depth (mergekit does the
+same per module); with ``slices:`` its tensors are outside the blocks (``t = 0``), and a
+vision or audio tower and its projector come whole from the first slice's models, as the
+embeddings do (an encoder-decoder's other stack, like its final norms, from the last slice's).
+
 With ``tokenizer_source`` (or a ``tokenizer:`` block) the models' vocabularies, read
 beforehand into :attr:`ModelMeta.vocabulary`, give the output vocabulary
 (:mod:`engine.vocab`); tensors with a vocabulary axis may then differ in rows, and their
@@ -20,6 +28,7 @@ tasks are marked so the runner aligns their rows by token before merging.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
@@ -29,11 +38,13 @@ from typing import Any
 
 from engine.architecture import (
     TIED_HEADS,
+    LayerStack,
+    default_stack,
+    find_stacks,
+    is_other_module,
     is_pre_weight,
-    layer_count,
-    layer_count_key,
-    main_layer_prefix,
     parse_layer_name,
+    restack_config,
 )
 from engine.config import MergeConfig, Setting, ZeroEmbedding
 from engine.errors import IncompatibleModelsError, RecipeError
@@ -63,9 +74,19 @@ class ModelMeta:
     tensors: Mapping[str, TensorInfo]
     vocabulary: Vocabulary | None = None  # read only when the recipe builds the output tokenizer
 
+    @functools.cached_property
+    def stacks(self) -> tuple[LayerStack, ...]:
+        """Every layer stack of the model (language model, vision tower, encoder, ...)."""
+        return find_stacks(self.config, self.tensors)
+
+    @property
+    def stack(self) -> LayerStack | None:
+        """The stack a recipe's layer numbers refer to (the language model's)."""
+        return default_stack(self.stacks)
+
     @property
     def num_layers(self) -> int:
-        return layer_count(self.config, self.tensors)
+        return self.stack.count if self.stack is not None else 0
 
 
 @dataclass(frozen=True)
@@ -145,19 +166,22 @@ def build_plan(config: MergeConfig, models: Mapping[str, ModelMeta], *, seed: in
     donor = config.base_model or config.referenced_models()[0]
     base_seed = seed if seed is not None else (config.random_seed or 0)
     reference_model = models[donor]
-    prefix = main_layer_prefix(reference_model.tensors)
+    stack = reference_model.stack
+    prefix = stack.prefix if stack is not None else None
     out_dtype_name = config.out_dtype or config.dtype
     out_dtype = DTYPE_CODES[out_dtype_name] if out_dtype_name else None
     vocab = _vocab_plan(config, models, donor)
     planner = _Planner(config, method, models, base_seed, out_dtype, vocab)
 
     # Names outside the blocks, in the donor's order: embeddings first, then the rest.
-    outside = [n for n in reference_model.tensors if not _is_block(n, prefix)]
-    pre = [n for n in outside if is_pre_weight(n)]
-    post = [n for n in outside if not is_pre_weight(n)]
+    outside = [n for n in reference_model.tensors if stack is None or stack.layer_of(n) is None]
+    # the embeddings, and a vision or audio tower with its projector (whole, from one model), come first
+    pre = [n for n in outside if is_pre_weight(n) or is_other_module(n)]
+    post = [n for n in outside if not (is_pre_weight(n) or is_other_module(n))]
     first, last = groups[0], groups[-1]
+    others = [s for s in reference_model.stacks if s != stack] if config.models else []
     for name in pre:
-        planner.add(name, [(s, name) for s in first.sources], first, t=0.0)
+        planner.add(name, [(s, name) for s in first.sources], first, t=_depth(name, others))
     out_layer = 0
     for group in groups:
         for offset in range(group.num_layers):
@@ -168,12 +192,14 @@ def build_plan(config: MergeConfig, models: Mapping[str, ModelMeta], *, seed: in
                 planner.add(out_name, inputs, group, t=t)
             out_layer += 1
     for name in post:
-        planner.add(name, [(s, name) for s in last.sources], last, t=0.0)
+        planner.add(name, [(s, name) for s in last.sources], last, t=_depth(name, others))
     for head in TIED_HEADS:
         if head not in reference_model.tensors and any(head in models[s.model].tensors for s in last.sources):
             planner.add(head, [(s, head) for s in last.sources], last, t=0.0)
 
-    output_config = _output_config(config, models, donor, groups, out_layer)
+    output_config = _output_config(config, models, donor, groups)
+    if stack is not None and len(reference_model.stacks) > 1:
+        planner.notes.append(stack_note(stack, reference_model.stacks))
     if vocab is not None:
         _set_vocab_size(output_config, vocab.size)
         planner.notes.extend(vocab_notes(vocab, donor))
@@ -333,6 +359,15 @@ def _vocab_plan(config: MergeConfig, models: Mapping[str, ModelMeta], base: str)
     )
 
 
+def stack_note(stack: LayerStack, stacks: Sequence[LayerStack]) -> str:
+    """Which layers a recipe's layer numbers and gradients refer to, when a model has several stacks."""
+    others = ", ".join(f"'{s.prefix}' ({s.role}, {s.count} layers)" for s in stacks if s != stack)
+    return (
+        f"layer numbers refer to '{stack.prefix}' ({stack.role}, {stack.count} layers); "
+        f"merged whole, never stacked: {others}"
+    )
+
+
 def vocab_notes(vocab: VocabPlan, base: str, shown: int = 8) -> list[str]:
     """What the vocabulary merge did, in words: the report the CLI prints and the bot posts."""
 
@@ -365,9 +400,13 @@ def _set_vocab_size(config: dict[str, Any], size: int) -> None:
         config["vocab_size"] = size
 
 
-def _is_block(name: str, prefix: str | None) -> bool:
-    parsed = parse_layer_name(name)
-    return parsed is not None and parsed.prefix == prefix
+def _depth(name: str, stacks: Sequence[LayerStack]) -> float:
+    """A tensor's place on a gradient: along its own stack's depth, or 0 outside every stack."""
+    for stack in stacks:
+        layer = stack.layer_of(name)
+        if layer is not None:
+            return layer.index / (stack.count - 1) if stack.count > 1 else 1.0
+    return 0.0
 
 
 def _groups(config: MergeConfig, models: Mapping[str, ModelMeta]) -> list[_Group]:
@@ -589,11 +628,7 @@ def _is_float(code: str) -> bool:
 
 
 def _output_config(
-    config: MergeConfig,
-    models: Mapping[str, ModelMeta],
-    donor: str,
-    groups: Sequence[_Group],
-    total_layers: int,
+    config: MergeConfig, models: Mapping[str, ModelMeta], donor: str, groups: Sequence[_Group]
 ) -> dict[str, Any]:
     """The donor's config.json, with the layer count (and per-layer lists) of the stacked model."""
     out = dict(models[donor].config)
@@ -601,19 +636,12 @@ def _output_config(
     if out_dtype:
         key = "torch_dtype" if "torch_dtype" in out and "dtype" not in out else "dtype"
         out[key] = out_dtype
-    if config.slices:
-        out[layer_count_key(out)] = total_layers
-        # Per-layer lists (transformers 5's `layer_types`, for one) must follow the stacked layers.
-        for key, value in list(out.items()):
-            donor_layers = models[donor].num_layers
-            if isinstance(value, list) and len(value) == donor_layers and key.startswith("layer_"):
-                stacked = []
-                for group in groups:
-                    src_config = models[group.sources[0].model].config
-                    src_list = src_config.get(key, value)
-                    for offset in range(group.num_layers):
-                        stacked.append(src_list[group.sources[0].first_layer + offset])
-                out[key] = stacked
-        if "max_window_layers" in out and isinstance(out["max_window_layers"], int):
-            out["max_window_layers"] = min(out["max_window_layers"], total_layers)
+    stack = models[donor].stack
+    if config.slices and stack is not None:
+        layers = [
+            (models[group.sources[0].model].config, group.sources[0].first_layer + offset)
+            for group in groups
+            for offset in range(group.num_layers)
+        ]
+        out = restack_config(out, stack, layers)
     return out

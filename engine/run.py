@@ -40,6 +40,7 @@ from engine.parallel import map_on_cores
 from engine.plan import MergePlan, ModelMeta, TensorTask, build_plan
 from engine.sources import ModelSource, open_model
 from engine.sources.safetensors_file import DTYPES
+from engine.verify import check_loads, check_plan, check_written
 from engine.vocab import align_rows
 from engine.writer import DEFAULT_SHARD_BYTES, OutputTensor, ShardedWriter
 
@@ -79,6 +80,7 @@ class MergeOptions:
     base_dir: str | None = None  # where relative model paths in the recipe are looked up too
     hub_endpoint: str | None = None  # None: huggingface_hub's default (HF_ENDPOINT or huggingface.co)
     hub_token: str | None = field(default=None, repr=False)  # never shown in reprs or logs
+    verify: bool = False  # also check that transformers loads the output (engine.verify.check_loads)
 
 
 @dataclass(frozen=True)
@@ -170,8 +172,12 @@ def run_merge(
             It may remove the file once it has used it, to keep the disk use of a large
             merge to about one shard.
 
+    The plan and the written folder are verified (:mod:`engine.verify`) before the output is
+    moved into place; with ``options.verify``, transformers must also load it.
+
     Raises:
         MergeError: a subclass naming what the user has to fix; nothing is left at ``out_path``.
+        VerificationError: the output is not what the plan promised; nothing is left at ``out_path``.
     """
     options = options or MergeOptions()
     out = os.path.abspath(os.fspath(out_path))
@@ -186,6 +192,7 @@ def run_merge(
     try:
         with OpenModels(config, options) as opened:
             plan = build_plan(config, opened.metadata(), seed=options.seed)
+            check_plan(config, plan, opened.metadata())
             _log_notes(plan)
             writer = ShardedWriter(
                 staging,
@@ -200,6 +207,9 @@ def run_merge(
                 writer.abort()
                 buffers.POOL.clear()  # a long-lived process (the bot) keeps nothing between merges
             _write_side_files(config, plan, opened.sources, staging, options)
+        check_written(plan, staging)
+        if options.verify:
+            check_loads(staging, {task.name: task.shape for task in plan.tasks})
         _publish(staging, out, options.overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
