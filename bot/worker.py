@@ -205,7 +205,8 @@ def queued_text(job_id: str, position: int | None, summary: str = "", notes: tup
     where = f" (position {position} in the queue)" if position else ""
     more = f"\n\nPreflight passed: {summary}." if summary else ""
     if notes:
-        more += "\n\nNotes on the recipe:\n" + "\n".join(f"- {note}" for note in notes)
+        # notes quote the recipe's own keys, so they are shown as the recipe's text is: in a code block
+        more += "\n\nNotes on the recipe:\n" + code_block("\n".join(notes))
     return f"⏳ Job `{job_id}` is queued{where}.{more}"
 
 

@@ -245,7 +245,7 @@ def _build_module_plan(
             "each from",
         )
     plans: list[MergePlan] = []
-    output_config = _output_config(config, models, donor, [], 0)
+    output_config = _output_config(config, models, donor, [])
     for part in config.parts():
         assert part.module is not None
         module = part.module
