@@ -328,11 +328,13 @@ class Bot:
         if signed_in is not None:  # before it is scheduled, so the worker finds it
             self.credentials.put(job.id, signed_in)
         if spec.report is not None:
-            text = queued_text(job.id, self.store.queue_position(job.id), summary)
+            position = self.store.queue_position(job.id)
+            text = queued_text(job.id, position, summary)
             try:
                 self.store.set_status_comment(
                     job.id, self.hub.comment(spec.report.repo_id, spec.report.num, text)
                 )
+                self.worker.comments.queued(job.id, position)
             except BotError as exc:
                 log.warning("job %s: status comment not posted: %s", job.id, exc)
         self.queue.schedule(job.id)
