@@ -54,6 +54,8 @@ class Settings(BaseModel):
     max_evolve_trials: int = Field(default=50, gt=0)
     # the repo whose discussions the poll reads for missed requests (default: <bot>/requests)
     requests_repo: str | None = None
+    # most Hub reads one poll makes in discussions (requests repo and the bot's own repos)
+    poll_max_calls: int = Field(default=50, gt=0)
 
     @property
     def database_url(self) -> str:
