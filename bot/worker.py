@@ -152,12 +152,16 @@ class StatusComment:
     """The one comment a job edits at its milestones, within its :class:`~bot.budget.CommentBudget`;
     no-op for jobs with no discussion."""
 
-    def __init__(self, hub: Hub, store: JobStore, job: Job, budget: CommentBudget) -> None:
+    def __init__(
+        self, hub: Hub, store: JobStore, job: Job, budget: CommentBudget, min_interval_s: float = 0.0
+    ) -> None:
         self._hub = hub
         self._store = store
         self._job = job
         self._comment = job.status_comment
         self._budget = budget
+        self._min_interval = min_interval_s
+        self._last_write = time.monotonic()
         self._next_milestone = 0
 
     def show(self, text: str) -> None:
@@ -169,11 +173,14 @@ class StatusComment:
         self._write(text, reserve=0, patient=True)
 
     def progress(self, fraction: float, text: str) -> None:
-        """Shown only when ``fraction`` passes the next of 25/50/75 % (one write for several passed)."""
+        """Shown only when ``fraction`` passes the next of 25/50/75 % (one write for several passed),
+        and not within ``min_interval_s`` of the previous write (a fast job skips milestones)."""
         passed = [m for m in PROGRESS_MILESTONES[self._next_milestone :] if fraction >= m]
         if not passed:
             return
         self._next_milestone += len(passed)
+        if time.monotonic() - self._last_write < self._min_interval:
+            return
         # publishing and the last word still to come; a refused edit is not waited for
         self._write(text, reserve=2, patient=False)
 
@@ -189,6 +196,7 @@ class StatusComment:
         if reserve is not None and not self._budget.take(self._job.id, reserve=reserve):
             log.info("job %s: status comment budget spent; %r not shown", self._job.id, text[:40])
             return
+        self._last_write = time.monotonic()
         try:
             if self._comment is None:
                 self._comment = self._hub.comment(report.repo_id, report.num, text, patient=patient)
@@ -246,7 +254,7 @@ class Worker:
         self.refresh_positions()
         job = self.store.get(job_id)
         assert job is not None
-        status = StatusComment(self.hub, self.store, job, self.comments)
+        status = StatusComment(self.hub, self.store, job, self.comments, self.settings.progress_interval_s)
         publisher = self.publisher(job)
         if publisher is None:  # a signed-in user's job whose token this process never had
             self.store.hold_for_sign_in(job.id)

@@ -64,7 +64,7 @@ def _status_writes(world: World, webhook_url: str, comment_id: str) -> list[dict
 def test_each_job_writes_its_status_comment_at_most_ten_times(
     world: World, serve_bot: BotFactory, big_models: tuple[str, str]
 ) -> None:
-    server = serve_bot(run_jobs=False, max_jobs_per_user=10)
+    server = serve_bot(run_jobs=False, max_jobs_per_user=10, progress_interval_s=0)
     base, ft = big_models
     big = f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n  - model: {ft}\n    parameters: {{weight: 0.5}}\ndtype: float32\n"
     names = [f"budget-{i}" for i in range(4)]
