@@ -3,6 +3,7 @@ no automatic redelivery, 429s with their headers, and card metadata checked on c
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import uuid
@@ -17,6 +18,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import parse_ratelimit_headers
 from test_localhub_webhooks import Receiver, wait_for
 
+from localhub.cli import main, parse_rate_limit
 from localhub.config import RateLimit
 from localhub.server import LocalHubServer
 from localhub.testing import run_localhub
@@ -235,3 +237,24 @@ def test_valid_card_metadata_passes(server: LocalHubServer, api: HfApi) -> None:
     assert answer.status_code == 200 and answer.json()["errors"] == []
     api.create_repo("lab/good-card")
     api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id="lab/good-card")
+
+
+def test_cli_sets_rate_limits_and_replays_a_delivery(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert parse_rate_limit("comment=10/60") == ("comment", RateLimit(requests=10, window_seconds=60))
+    for bad in ("comment", "fork=1/60", "comment=x/60", "commit=0/60"):
+        with pytest.raises(argparse.ArgumentTypeError, match="ACTION=N/SECONDS"):
+            parse_rate_limit(bad)
+    data = tmp_path / "hub"
+    with run_localhub(data) as server, Receiver(fail_first=1) as receiver:
+        server.add_user("lima", TOKEN)
+        hook = server.add_webhook(receiver.url, ["user:lima"], domains=["repo"])
+        HfApi(endpoint=server.endpoint, token=TOKEN).create_repo("lima/replayed")
+        wait_for(lambda: server.deliveries(hook.id)[0].status == "failed")
+        (failed,) = server.deliveries(hook.id)
+        assert main(["replay-delivery", "--data", str(data), str(failed.id)]) == 0  # another process
+        wait_for(lambda: server.deliveries(hook.id)[0].status == "delivered")
+    assert receiver.calls == 2 and "sent again" in capsys.readouterr().out
+    assert main(["replay-delivery", "--data", str(data), "999"]) == 2
+    assert "Delivery 999 not found" in capsys.readouterr().err
