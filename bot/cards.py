@@ -233,8 +233,10 @@ def card_metadata(ctx: CardContext) -> ModelCardData:
         extra["license_name"] = (
             re.sub(r"[^a-z0-9.-]+", "-", (ctx.license_name or "other").lower()).strip("-") or "other"
         )
-        if ctx.license_link:
-            extra["license_link"] = ctx.license_link
+        # The Hub refuses `other` without a link: with none of its own, point to the parents' terms.
+        unknown = [p.repo_id for p in ctx.parents if p.license in ("other", "unknown", None)]
+        fallback = f"{ctx.hub_url}/{(unknown or [p.repo_id for p in ctx.parents] or [ctx.repo_id])[0]}"
+        extra["license_link"] = ctx.license_link or fallback
     elif ctx.license_link:
         extra["license_link"] = ctx.license_link
     return ModelCardData(

@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--poll-interval", type=float, default=None, help="seconds between polls (0: none)")
-    serve.add_argument("--progress-interval", type=float, default=None, help="seconds between progress edits")
+    serve.add_argument("--progress-interval", type=float, default=None, help="fewest seconds between progress edits")
     serve.add_argument("--shard-bytes", type=int, default=None, help="bytes per output shard")
     setup = sub.add_parser("setup", help="create the requests repo and the Hub webhook to the bot")
     where = setup.add_mutually_exclusive_group(required=True)

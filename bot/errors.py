@@ -82,8 +82,11 @@ class JobInterrupted(BotError):
 
 
 class HubError(BotError):
-    def __init__(self, action: str, status: int | None = None) -> None:
+    def __init__(self, action: str, status: int | None = None, tries: int = 1) -> None:
         self.action = action
         self.status = status
-        code = f" (HTTP {status})" if status is not None else ""
-        super().__init__(f"The Hub failed while {action}{code}; the bot will not retry this step.")
+        self.tries = tries
+        code = f"HTTP {status}" if status is not None else ""
+        times = f"{tries} tries" if tries > 1 else ""
+        detail = f" ({', '.join(x for x in (code, times) if x)})" if code or times else ""
+        super().__init__(f"The Hub failed while {action}{detail}; the bot will not retry this step.")

@@ -347,7 +347,7 @@ def _run(worker: Worker, job: Job, status: StatusComment, publisher: Hub, work: 
         what = f"baseline {event.baseline}" if event.baseline else "search"
         note = f"trial {event.finished}/{total} ({what}), best {_fmt(event.best)}"
         worker.store.set_progress(job.id, min(1.0, event.finished / max(1, total)), note)
-        status.show(f"⚙️ Job `{job.id}` is searching: {note}.", force=False)
+        status.progress(event.finished / max(1, total), f"⚙️ Job `{job.id}` is searching: {note}.")
         worker.checkpoint(job)  # after the trial is recorded: a cancel or a stop loses nothing
 
     status.show(f"⚙️ Job `{job.id}` is searching: trial 0/{total}.")

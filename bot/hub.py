@@ -30,6 +30,8 @@ from huggingface_hub.utils import validate_repo_id
 
 from bot.errors import DestinationError, HubError, PreflightError
 from bot.markdown import code_span
+from bot.retry import RetryPolicy, with_retries
+from bot.whoami import Account, WhoamiCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -127,10 +129,20 @@ def _repo_ids(value: Any) -> tuple[str, ...]:
 class Hub:
     """The bot account's view of the Hub."""
 
-    def __init__(self, endpoint: str, token: str) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        token: str,
+        *,
+        retry: RetryPolicy | None = None,
+        whoami_cache: WhoamiCache | None = None,
+    ) -> None:
+        """``retry``: how writes retry 429/5xx (see :mod:`bot.retry`); ``whoami_cache``: shared by ``as_user``."""
         self.endpoint = endpoint.rstrip("/")
         self._api = HfApi(endpoint=self.endpoint, token=token, library_name="mergebot")
-        self._name: str | None = None
+        self._token = token
+        self.retry = retry or RetryPolicy()
+        self._whoami = whoami_cache or WhoamiCache()
 
     def __repr__(self) -> str:
         return f"Hub(endpoint={self.endpoint!r})"
@@ -141,21 +153,41 @@ class Hub:
         except HfHubHTTPError as exc:
             raise HubError(action, _status(exc)) from None
 
+    def _write(self, action: str, fn: Callable[[], T], *, patient: bool = True) -> T:
+        """A write, retried on 429 and 5xx (once only when not ``patient``)."""
+        policy = self.retry if patient else self.retry.once()
+        tries = [0]
+
+        def counted() -> T:
+            tries[0] += 1
+            return fn()
+
+        try:
+            return with_retries(counted, policy, action)
+        except HfHubHTTPError as exc:
+            raise HubError(action, _status(exc), tries=tries[0]) from None
+
     # -- identity ---------------------------------------------------------------------
 
     def whoami(self) -> str:
-        """The bot account's name (asked once)."""
-        if self._name is None:
-            info = self._call("checking the bot's token", lambda: self._api.whoami())
-            self._name = str(info["name"])
-        return self._name
+        """The token's account name (asked of the Hub once per token and TTL, see :mod:`bot.whoami`)."""
+        return self.account().name
+
+    def account(self) -> Account:
+        """The token's account: name and id (webhook payloads name authors by id only)."""
+
+        def ask() -> Account:
+            info = self._call("checking the token", lambda: self._api.whoami())
+            return Account(str(info["name"]), str(info.get("id", "")))
+
+        return self._whoami.get(self._token, ask)
 
     def repo_url(self, repo_id: str) -> str:
         return f"{self.endpoint}/{repo_id}"
 
     def as_user(self, token: str) -> Hub:
         """The same Hub seen with a signed-in user's token (to publish in the user's namespace)."""
-        return Hub(self.endpoint, token)
+        return Hub(self.endpoint, token, retry=self.retry, whoami_cache=self._whoami)
 
     # -- repo facts -------------------------------------------------------------------
 
@@ -186,12 +218,15 @@ class Hub:
             raise HubError(f"reading `{shown}`", _status(exc)) from None
         card = info.card_data.to_dict() if info.card_data is not None else {}
         lic = card.get("license")
+        link = card.get("license_link") if isinstance(card.get("license_link"), str) else None
+        if link and not link.startswith(("http://", "https://")):  # a file of that repo, e.g. LICENSE
+            link = f"{self.endpoint}/{repo_id}/blob/{info.sha}/{link.lstrip('./')}"
         return RepoFacts(
             repo_id=repo_id,
             sha=str(info.sha),
             license=lic if isinstance(lic, str) else (lic[0] if isinstance(lic, list) and lic else None),
             license_name=card.get("license_name") if isinstance(card.get("license_name"), str) else None,
-            license_link=card.get("license_link") if isinstance(card.get("license_link"), str) else None,
+            license_link=link,
             gated=bool(info.gated),
             private=bool(info.private),
             base_models=_repo_ids(card.get("base_model")),
@@ -299,10 +334,12 @@ class Hub:
         )
         return DiscussionInfo(repo_id, num, details.title, details.author, comments)
 
-    def comment(self, repo_id: str, num: int, text: str) -> str:
-        """Post a comment; returns its id."""
-        made = self._call(
-            f"commenting in `{repo_id}` #{num}", lambda: self._api.comment_discussion(repo_id, num, text)
+    def comment(self, repo_id: str, num: int, text: str, *, patient: bool = True) -> str:
+        """Post a comment; returns its id. Not ``patient``: one try, no waiting on a rate limit."""
+        made = self._write(
+            f"commenting in `{repo_id}` #{num}",
+            lambda: self._api.comment_discussion(repo_id, num, text),
+            patient=patient,
         )
         return str(made.id)
 
@@ -318,10 +355,14 @@ class Hub:
         except HfHubHTTPError as exc:
             raise HubError(f"listing the discussions of `{repo_id}`", _status(exc)) from None
 
-    def edit_comment(self, repo_id: str, num: int, comment_id: str, text: str) -> None:
-        self._call(
+    def edit_comment(
+        self, repo_id: str, num: int, comment_id: str, text: str, *, patient: bool = True
+    ) -> None:
+        """Replace a comment's text. Not ``patient``: one try, no waiting on a rate limit."""
+        self._write(
             f"editing a comment in `{repo_id}` #{num}",
             lambda: self._api.edit_discussion_comment(repo_id, num, comment_id, text),
+            patient=patient,
         )
 
     # -- publishing -------------------------------------------------------------------
@@ -348,7 +389,11 @@ class Hub:
         existed = self.repo_exists(repo_id)
         if not existed:
             try:
-                self._api.create_repo(repo_id, private=private, exist_ok=True)
+                with_retries(
+                    lambda: self._api.create_repo(repo_id, private=private, exist_ok=True),
+                    self.retry,
+                    f"creating `{repo_id}`",
+                )
             except HfHubHTTPError as exc:
                 if _status(exc) == 401:  # the token is not (or no longer) valid: not the name's fault
                     raise HubError(f"creating `{repo_id}`", 401) from None
@@ -356,16 +401,20 @@ class Hub:
                     f"The bot could not create `{repo_id}` (HTTP {_status(exc)})."
                 ) from None
             if gated:
-                self._call(
+                self._write(
                     f"gating `{repo_id}`", lambda: self._api.update_repo_settings(repo_id, gated="auto")
                 )
-        pub = Publication(self._api, repo_id)
+        pub = Publication(self._api, repo_id, self.retry)
         try:
             yield pub
         except BaseException:
             if not existed and pub.commit_oid is None:
                 try:
-                    self._api.delete_repo(repo_id, missing_ok=True)
+                    with_retries(
+                        lambda: self._api.delete_repo(repo_id, missing_ok=True),
+                        self.retry,
+                        f"deleting `{repo_id}`",
+                    )
                 except HfHubHTTPError as exc:
                     log.warning("could not delete the empty repo %s (HTTP %s)", repo_id, _status(exc))
             raise
@@ -442,9 +491,10 @@ class Hub:
 class Publication:
     """Files staged for one atomic commit: large files are uploaded as they come, the commit lands last."""
 
-    def __init__(self, api: HfApi, repo_id: str) -> None:
+    def __init__(self, api: HfApi, repo_id: str, retry: RetryPolicy | None = None) -> None:
         self._api = api
         self.repo_id = repo_id
+        self._retry = retry or RetryPolicy()
         self._operations: list[CommitOperationAdd] = []
         self.commit_oid: str | None = None
 
@@ -452,7 +502,11 @@ class Publication:
         """Upload a large file now (LFS); delete the local copy once the Hub has it."""
         op = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=str(local))
         try:
-            self._api.preupload_lfs_files(self.repo_id, additions=[op])
+            with_retries(
+                lambda: self._api.preupload_lfs_files(self.repo_id, additions=[op]),
+                self._retry,
+                f"uploading `{path_in_repo}`",
+            )
         except HfHubHTTPError as exc:
             raise HubError(f"uploading `{path_in_repo}`", _status(exc)) from None
         self._operations.append(op)
@@ -469,12 +523,33 @@ class Publication:
         return tuple(op.path_in_repo for op in self._operations)
 
     def commit(self, title: str, description: str) -> str:
-        """Land every staged file in one commit; returns its id."""
-        try:
+        """Land every staged file in one commit, retried on 429 and 5xx; returns its id.
+
+        A retry first looks for the commit: a 5xx may come after the commit landed.
+
+        Raises:
+            HubError: the Hub kept refusing, or refused the card's metadata.
+        """
+        tries = [0]
+
+        def attempt() -> str:
+            tries[0] += 1
+            if tries[0] > 1:
+                landed = next(
+                    (c for c in self._api.list_repo_commits(self.repo_id) if c.title == title), None
+                )
+                if landed is not None:
+                    return str(landed.commit_id)
             info = self._api.create_commit(
                 self.repo_id, self._operations, commit_message=title, commit_description=description
             )
+            return str(info.oid)
+
+        action = f"committing to `{self.repo_id}`"
+        try:
+            self.commit_oid = with_retries(attempt, self._retry, action)
         except HfHubHTTPError as exc:
-            raise HubError(f"committing to `{self.repo_id}`", _status(exc)) from None
-        self.commit_oid = str(info.oid)
+            raise HubError(action, _status(exc), tries=tries[0]) from None
+        except ValueError:  # huggingface_hub asks the Hub's validate-yaml before committing a README
+            raise HubError(f"{action}: the Hub refused the model card's metadata") from None
         return self.commit_oid

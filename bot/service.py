@@ -19,7 +19,7 @@ from bot.hub import DiscussionComment, Hub
 from bot.jobs import ACTIVE, Job, JobQueue, JobSpec, JobStore, ReportTo, make_engine
 from bot.markdown import code_block, prose, quiet_mentions
 from bot.settings import Settings
-from bot.webhooks import DiscussionEvent, RepoUpdate, delivery_key, parse_event
+from bot.webhooks import DiscussionEvent, Ignored, RepoUpdate, delivery_key, parse_event
 from bot.worker import Worker, _walk_models, hub_repo, preflight, queued_text
 from engine import MergeError, RecipeError
 from engine.evolve.errors import SearchFileError
@@ -59,6 +59,8 @@ class Bot:
         self.worker = Worker(settings, self.hub, self.store, self.credentials)
         self.queue = JobQueue(self.store, settings.database_url, self.worker.run)
         self.name = ""
+        self.account_id = ""  # the bot account's id: payloads name authors by id only
+        self._poll_cursor = (0, 0)  # (repo, discussion) where the next poll's reading starts
 
     @property
     def namespace(self) -> str:
@@ -75,6 +77,7 @@ class Bot:
     def start(self, *, run_jobs: bool = True) -> None:
         """Start the queue (resuming interrupted jobs) and handle deliveries left unhandled."""
         self.name = self.hub.whoami()
+        self.account_id = self.hub.account().id  # cached with the name: no second call
         self.hold_orphaned_user_jobs()
         self.queue.start(run_jobs=run_jobs)
         for key, payload in self.store.pending():
@@ -129,8 +132,15 @@ class Bot:
     # -- deliveries ---------------------------------------------------------------------
 
     def receive(self, payload: dict[str, Any]) -> bool:
-        """Record a delivery and queue its handling; False for a duplicate (nothing is done)."""
-        parse_event(payload)  # rejects what is not a Hub payload before it is recorded
+        """Record a delivery and queue its handling; False for a duplicate (nothing is done).
+
+        A delivery that cannot be a command (the bot's own comment, any comment edit) is dropped
+        at once, unrecorded: the bot's status edits come back as deliveries and must cost nothing.
+        """
+        event = parse_event(payload, own_id=self.account_id or None)  # rejects what is not a Hub payload
+        if isinstance(event, Ignored):
+            log.debug("delivery ignored: %s", event.why)
+            return True
         key = delivery_key(payload)
         if not self.store.remember(key, payload):
             return False
@@ -140,7 +150,7 @@ class Bot:
     def handle(self, key: str, payload: dict[str, Any]) -> None:
         """Handle one recorded delivery; it is marked done whatever happens (a bug must not loop)."""
         try:
-            event = parse_event(payload)
+            event = parse_event(payload, own_id=self.account_id or None)
             if isinstance(event, DiscussionEvent):
                 self.on_discussion(event.repo_id, event.num, event.comment_id)
             elif isinstance(event, RepoUpdate):
@@ -359,11 +369,13 @@ class Bot:
         if signed_in is not None:  # before it is scheduled, so the worker finds it
             self.credentials.put(job.id, signed_in)
         if spec.report is not None:
-            text = queued_text(job.id, self.store.queue_position(job.id), summary, notes)
+            position = self.store.queue_position(job.id)
+            text = queued_text(job.id, position, summary, notes)
             try:
                 self.store.set_status_comment(
                     job.id, self.hub.comment(spec.report.repo_id, spec.report.num, text)
                 )
+                self.worker.comments.queued(job.id, position)
             except BotError as exc:
                 log.warning("job %s: status comment not posted: %s", job.id, exc)
         self.queue.schedule(job.id)
@@ -426,15 +438,58 @@ class Bot:
         return started
 
     def poll(self) -> None:
-        """Catch what webhooks missed: moved parents, and commands in the requests repo."""
+        """Catch what webhooks missed (the Hub never redelivers): moved parents, and commands in
+        every discussion the bot answers (see :meth:`catch_up`)."""
         try:
             parents = {repo for job in self.store.latest_results() for repo in job.spec.parents}
             for repo in sorted(parents):
                 head = self.hub.head_sha(repo)
                 if head is not None:
                     self.on_repo_update(repo, head)
-            for num in self.hub.open_discussions(self.requests_repo):
-                for comment in self.hub.discussion(self.requests_repo, num).comments:
-                    self.on_comment(self.requests_repo, num, comment)
         except Exception:
-            log.exception("poll failed")
+            log.exception("poll of the parents failed")
+        try:
+            self.catch_up()
+        except Exception:
+            log.exception("poll of the discussions failed")
+
+    def answered_repos(self) -> list[str]:
+        """Where the bot answers commands: its requests repo, then the repos it published, newest first."""
+        published = sorted(
+            (
+                j
+                for j in self.store.all(states=("succeeded",))
+                if j.spec.destination.startswith(f"{self.name}/")
+            ),
+            key=lambda j: j.updated_at,
+            reverse=True,
+        )
+        return list(dict.fromkeys([self.requests_repo, *(j.spec.destination for j in published)]))
+
+    def catch_up(self) -> int:
+        """Read the open discussions of :meth:`answered_repos` and answer what is unanswered.
+
+        At most ``settings.poll_max_calls`` Hub reads a cycle (one per repo listed, one per
+        discussion read, newest discussion first); a cycle goes once round the repos at most and
+        the next one starts where it stopped, so every discussion is read within a few cycles.
+        Returns the reads made.
+        """
+        budget = self.settings.poll_max_calls
+        repos = self.answered_repos()
+        repo_i, offset = self._poll_cursor if self._poll_cursor[0] < len(repos) else (0, 0)
+        calls = 0
+        for _ in range(len(repos)):
+            if calls >= budget:
+                break
+            repo = repos[repo_i]
+            calls += 1
+            for k, num in enumerate(self.hub.open_discussions(repo)[offset:]):
+                if calls >= budget:
+                    self._poll_cursor = (repo_i, offset + k)
+                    return calls
+                calls += 1
+                for comment in self.hub.discussion(repo, num).comments:
+                    self.on_comment(repo, num, comment)
+            repo_i, offset = (repo_i + 1) % len(repos), 0
+        self._poll_cursor = (repo_i, offset)
+        return calls

@@ -51,7 +51,7 @@ class Settings(BaseModel):
     max_jobs_per_user: int = Field(default=3, gt=0)
     # largest merged model, in bytes, one request may produce (None: no cap)
     max_merge_bytes: int | None = Field(default=None, gt=0)
-    # seconds between two edits of the status comment while a merge runs
+    # fewest seconds between two progress edits of the status comment (it moves at 25/50/75 %)
     progress_interval_s: float = Field(default=5.0, ge=0)
     # seconds between two polls of watched parents and unanswered discussions (0: no poll)
     poll_interval_s: float = Field(default=300.0, ge=0)
@@ -67,6 +67,8 @@ class Settings(BaseModel):
     requests_repo: str | None = None
     # where merges asked for in discussions or without sign-in are published (default: the token's user)
     namespace: str | None = Field(default=None, pattern=_NAMESPACE)
+    # most Hub reads one poll makes in discussions (requests repo and the bot's own repos)
+    poll_max_calls: int = Field(default=50, gt=0)
 
     @property
     def database_url(self) -> str:

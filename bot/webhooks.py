@@ -1,5 +1,10 @@
 """The webhook boundary: secret check, the Hub's v3 payload -> a typed event, and its de-duplication key.
 
+The Hub never redelivers a failed delivery on its own (only a manual replay does), and each
+webhook gets 1,000 deliveries a day; what a delivery misses, the bot's poll catches up on.
+Every comment edit or hide is a delivery too (``discussion.comment`` / ``update``): those, and
+the bot's own comments, are recognised from the payload alone, with no Hub call.
+
 Pure functions; the HTTP route lives in :mod:`bot.app` and the handling in :mod:`bot.service`.
 """
 
@@ -55,9 +60,18 @@ class _Discussion(_Loose):
     isPullRequest: bool = False
 
 
+class _Author(_Loose):
+    id: str | None = None
+
+
 class _Comment(_Loose):
     id: str
     hidden: bool = False
+    author: _Author | None = None
+
+
+class _Ref(_Loose):
+    ref: str
 
 
 class _Payload(_Loose):
@@ -65,6 +79,7 @@ class _Payload(_Loose):
     repo: _Repo
     discussion: _Discussion | None = None
     comment: _Comment | None = None
+    updatedRefs: list[_Ref] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,7 +93,7 @@ class DiscussionEvent:
 
 @dataclass(frozen=True)
 class RepoUpdate:
-    """New commits on a repo's main branch."""
+    """New commits on a repo's main branch (``head_sha``: main's head, as the Hub sends it)."""
 
     repo_id: str
     head_sha: str | None
@@ -92,8 +107,8 @@ class Ignored:
 Event = DiscussionEvent | RepoUpdate | Ignored
 
 
-def parse_event(payload: Any) -> Event:
-    """Read a v3 payload.
+def parse_event(payload: Any, *, own_id: str | None = None) -> Event:
+    """Read a v3 payload; ``own_id``: the bot account's id, whose comments are never commands.
 
     Raises:
         WebhookRejected: 400 when the payload is not shaped like the Hub's.
@@ -107,17 +122,22 @@ def parse_event(payload: Any) -> Event:
     scope, action = p.event.scope, p.event.action
     if scope == "discussion" and action == "create" and p.discussion and not p.discussion.isPullRequest:
         return DiscussionEvent(p.repo.name, p.discussion.num, None)
+    author = p.comment.author.id if p.comment and p.comment.author else None
+    if scope == "discussion.comment" and own_id and author == own_id:
+        return Ignored("the bot's own comment")
     if scope == "discussion.comment" and action == "create" and p.discussion and p.comment:
         if p.discussion.isPullRequest or p.comment.hidden:
             return Ignored("pull requests and hidden comments are not commands")
         return DiscussionEvent(p.repo.name, p.discussion.num, p.comment.id)
     if scope.startswith("repo.content") and action == "update":
+        if p.updatedRefs is not None and not any(r.ref == "refs/heads/main" for r in p.updatedRefs):
+            return Ignored("main did not move (a PR or another branch did)")
         return RepoUpdate(p.repo.name, p.repo.headSha)
     return Ignored(f"{scope}/{action} is not handled")
 
 
 def delivery_key(payload: Any) -> str:
-    """What makes two deliveries the same event (the Hub retries): scope, action and the object's id."""
+    """What makes two deliveries the same event (a manual replay, or the poll seeing it first)."""
     p = _Payload.model_validate(payload)
     parts = [p.event.scope, p.event.action, p.repo.name]
     if p.comment is not None:

@@ -1,7 +1,8 @@
 """Runs one job: preflight, merge (shards uploaded as they are written), card, one commit, report.
 
-The status comment is ONE comment in the requester's discussion, edited as the job moves:
-queued (with its place), running (percent, throttled), done (link) or failed (reason).
+The status comment is ONE comment in the requester's discussion, edited at the job's milestones
+(see :mod:`bot.budget`: at most 10 writes a job): queued (with its place), started, 25/50/75 %,
+publishing, done (link) or failed (reason).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from bot.budget import PROGRESS_MILESTONES, CommentBudget
 from bot.cards import SearchHistory, build_context, render_card
 from bot.credentials import Credentials
 from bot.errors import BotError, HubError, JobCancelled, JobInterrupted, LicenseRefused, PreflightError
@@ -169,31 +171,61 @@ def commit_description(job: Job, pre: Preflight, what: str = "") -> str:
 
 
 class StatusComment:
-    """The one comment a job edits as it moves; no-op for jobs with no discussion."""
+    """The one comment a job edits at its milestones, within its :class:`~bot.budget.CommentBudget`;
+    no-op for jobs with no discussion."""
 
-    def __init__(self, hub: Hub, store: JobStore, job: Job, interval_s: float) -> None:
+    def __init__(
+        self, hub: Hub, store: JobStore, job: Job, budget: CommentBudget, min_interval_s: float = 0.0
+    ) -> None:
         self._hub = hub
         self._store = store
         self._job = job
         self._comment = job.status_comment
-        self._interval = interval_s
-        self._last = 0.0
+        self._budget = budget
+        self._min_interval = min_interval_s
+        self._last_write = time.monotonic()
+        self._next_milestone = 0
 
-    def show(self, text: str, *, force: bool = True) -> None:
+    def show(self, text: str) -> None:
+        """A milestone (started, publishing): shown if the final word still fits after it."""
+        self._write(text, reserve=1, patient=True)
+
+    def finish(self, text: str) -> None:
+        """The job's last word (done, failed, cancelled, interrupted): always within the budget."""
+        self._write(text, reserve=0, patient=True)
+
+    def progress(self, fraction: float, text: str) -> None:
+        """Shown only when ``fraction`` passes the next of 25/50/75 % (one write for several passed),
+        and not within ``min_interval_s`` of the previous write (a fast job skips milestones)."""
+        passed = [m for m in PROGRESS_MILESTONES[self._next_milestone :] if fraction >= m]
+        if not passed:
+            return
+        self._next_milestone += len(passed)
+        if time.monotonic() - self._last_write < self._min_interval:
+            return
+        # publishing and the last word still to come; a refused edit is not waited for
+        self._write(text, reserve=2, patient=False)
+
+    def queue_position(self, text: str, position: int) -> None:
+        """A waiting job's new place, when :meth:`CommentBudget.take_position` finds it worth a write."""
+        if self._job.spec.report is not None and self._budget.take_position(self._job.id, position):
+            self._write(text, reserve=None, patient=False)
+
+    def _write(self, text: str, *, reserve: int | None, patient: bool) -> None:
         report = self._job.spec.report
         if report is None:
             return
-        now = time.monotonic()
-        if not force and now - self._last < self._interval:
+        if reserve is not None and not self._budget.take(self._job.id, reserve=reserve):
+            log.info("job %s: status comment budget spent; %r not shown", self._job.id, text[:40])
             return
-        self._last = now
+        self._last_write = time.monotonic()
         text = quiet_mentions(text, keep=(self._job.spec.requester,))  # failure reasons quote the recipe
         try:
             if self._comment is None:
-                self._comment = self._hub.comment(report.repo_id, report.num, text)
+                self._comment = self._hub.comment(report.repo_id, report.num, text, patient=patient)
                 self._store.set_status_comment(self._job.id, self._comment)
             else:
-                self._hub.edit_comment(report.repo_id, report.num, self._comment, text)
+                self._hub.edit_comment(report.repo_id, report.num, self._comment, text, patient=patient)
         except BotError as exc:  # a report that cannot be written must not fail the merge
             log.warning("job %s: status comment not updated: %s", self._job.id, exc)
         except Exception as exc:  # e.g. the Hub unreachable: say what, not the request (no headers)
@@ -220,6 +252,7 @@ class Worker:
         self.hub = hub
         self.store = store
         self.credentials = credentials if credentials is not None else Credentials()
+        self.comments = CommentBudget()  # status-comment writes per job (see bot.budget)
         self._stopping = threading.Event()
 
     def publisher(self, job: Job) -> Hub | None:
@@ -248,7 +281,7 @@ class Worker:
         self.refresh_positions()
         job = self.store.get(job_id)
         assert job is not None
-        status = StatusComment(self.hub, self.store, job, self.settings.progress_interval_s)
+        status = StatusComment(self.hub, self.store, job, self.comments, self.settings.progress_interval_s)
         publisher = self.publisher(job)
         if publisher is None:  # a signed-in user's job whose token this process never had
             self.store.hold_for_sign_in(job.id)
@@ -258,44 +291,47 @@ class Worker:
         try:
             commit = self._run(job, status, publisher)
         except JobInterrupted:
-            status.show(f"⏸️ Job `{job.id}` was interrupted by a restart of the bot; it will start again.")
+            status.finish(f"⏸️ Job `{job.id}` was interrupted by a restart of the bot; it will start again.")
             self.store.requeue(job.id)
             return  # the process is stopping: its credentials go with it
         except JobCancelled:
-            status.show(f"🛑 Job `{job.id}` was cancelled; nothing was published.")
+            status.finish(f"🛑 Job `{job.id}` was cancelled; nothing was published.")
             self.store.finish(job.id, "cancelled", reason="cancelled by the requester")
         except HubError as exc:
             if job.spec.credential == "user" and exc.status == 401:  # the user's token expired or was revoked
                 self.store.hold_for_sign_in(job.id, SIGN_IN_EXPIRED)
             else:
-                status.show(f"❌ Job `{job.id}` failed: {exc}\n\nNothing was published.")
+                status.finish(f"❌ Job `{job.id}` failed: {exc}\n\nNothing was published.")
                 self.store.finish(job.id, "failed", reason=str(exc))
         except MergeError as exc:  # the engine's plain text can quote a parent's files: shown as code
-            status.show(f"❌ Job `{job.id}` failed:\n\n{code_block(str(exc))}\n\nNothing was published.")
+            status.finish(f"❌ Job `{job.id}` failed:\n\n{code_block(str(exc))}\n\nNothing was published.")
             self.store.finish(job.id, "failed", reason=str(exc))
         except BotError as exc:
-            status.show(f"❌ Job `{job.id}` failed: {exc}\n\nNothing was published.")
+            status.finish(f"❌ Job `{job.id}` failed: {exc}\n\nNothing was published.")
             self.store.finish(job.id, "failed", reason=str(exc))
         except Exception:
             log.exception("job %s failed with an unexpected error", job.id)
-            status.show(
+            status.finish(
                 f"❌ Job `{job.id}` failed with an internal error; the bot's operator has the details."
             )
             self.store.finish(job.id, "failed", reason="internal error")
         else:
             url = self.hub.repo_url(job.spec.destination)
-            status.show(
+            status.finish(
                 f"✅ Job `{job.id}` is done: [{job.spec.destination}]({url}) (commit `{commit[:12]}`)."
             )
             self.store.finish(job.id, "succeeded", commit=commit)
         self.credentials.drop(job.id)
+        self.comments.forget(job.id)
 
     def refresh_positions(self, limit: int = 20) -> None:
-        """The queue moved: show each waiting job's new place in its status comment (the first ``limit``)."""
+        """The queue moved: show waiting jobs their new place (the first ``limit``), as rationed by
+        :meth:`CommentBudget.take_position` (each write is a webhook delivery)."""
         for waiting in self.store.all(states=("queued",))[:limit]:
-            if waiting.status_comment is not None:
-                StatusComment(self.hub, self.store, waiting, 0).show(
-                    queued_text(waiting.id, self.store.queue_position(waiting.id))
+            position = self.store.queue_position(waiting.id)
+            if waiting.status_comment is not None and position:
+                StatusComment(self.hub, self.store, waiting, self.comments).queue_position(
+                    queued_text(waiting.id, position), position
                 )
 
     def checkpoint(self, job: Job) -> None:
@@ -361,7 +397,7 @@ class Worker:
                 if current is not None and current.cancel_requested:
                     raise JobCancelled(job.id)
                 self.store.set_progress(job.id, done / total)
-            status.show(f"⚙️ Job `{job.id}` is running: {100 * done // total}% merged.", force=False)
+            status.progress(done / total, f"⚙️ Job `{job.id}` is running: {100 * done // total}% merged.")
 
         with (
             tempfile.TemporaryDirectory(prefix=f"job-{job.id}-", dir=self.settings.work_dir) as tmp,
@@ -386,5 +422,6 @@ class Worker:
                 if file.name not in staged and file.is_file():
                     pub.add(file.name, file)
             pub.add("README.md", self.card(job, pre, lineage))
+            status.show(f"📦 Job `{job.id}` is merged; publishing `{spec.destination}`…")
             title = f"{'Re-merge' if spec.kind == 'remerge' else 'Merge'} {name} ({marker})"
             return pub.commit(title, commit_description(job, pre))

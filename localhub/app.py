@@ -22,8 +22,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from localhub.accounts import Identity
-from localhub.cards import parse_card
+from localhub.cards import metadata_problems, parse_card
 from localhub.commit_service import CommitService, parse_ndjson
+from localhub.config import RateLimitedAction
 from localhub.discussion_service import DiscussionService
 from localhub.errors import BadRequest, EntryNotFound, LocalHubError, NotFound, PayloadTooLarge, Unauthorized
 from localhub.gitobj import validate_path
@@ -160,10 +161,22 @@ class HubApp:
 
     # fixed routes
 
+    def _limit(self, action: RateLimitedAction, identity: Identity | None) -> None:
+        """Count one rate-limited request (TooManyRequests when over the limit)."""
+        self.hub.limits.check(action, identity.user.name if identity else "anonymous")
+
+    def _limited(self, action: RateLimitedAction, request: Request, handler: Handler) -> Handler:
+        async def run() -> Response:
+            self._limit(action, await self.identity(request))
+            return await handler()
+
+        return run
+
     async def whoami(self, request: Request) -> Response:
         identity = await self.identity(request)
         if identity is None:
             raise Unauthorized("Invalid username or password.")
+        self._limit("whoami", identity)
 
         def roles() -> dict[str, str]:
             with self.hub.db.read() as conn:
@@ -199,12 +212,18 @@ class HubApp:
         return Response(status_code=200)
 
     async def validate_yaml(self, request: Request) -> Response:
+        """The Hub's metadata check, one error per problem (huggingface_hub runs it before a commit)."""
         body = await _json(request)
         content = body.get("content", "") if isinstance(body, dict) else ""
         try:
-            parse_card(str(content))
+            card = parse_card(str(content))
         except BadRequest as exc:
             return JSONResponse({"errors": [{"message": exc.message}], "warnings": []}, status_code=400)
+        problems = metadata_problems(card) if card else []
+        if problems:
+            return JSONResponse(
+                {"errors": [{"message": p} for p in problems], "warnings": []}, status_code=400
+            )
         return JSONResponse({"errors": [], "warnings": []})
 
     async def webhooks(self, request: Request) -> Response:
@@ -386,9 +405,13 @@ class HubApp:
             return await self._call(service, request, key, num, *fn(body if isinstance(body, dict) else {}))
 
         if rest[1:] == ["comment"]:
-            return lambda: post(lambda b: (str(b.get("comment", "")), base), self.discussions.comment)
+            return self._limited(
+                "comment",
+                request,
+                lambda: post(lambda b: (str(b.get("comment", "")), base), self.discussions.comment),
+            )
         if rest[1:] == ["title"]:
-            return lambda: post(lambda b: (str(b.get("title", "")),), self.discussions.rename)
+            return lambda: post(lambda b: (str(b.get("title", "")), base), self.discussions.rename)
         if rest[1:] == ["status"]:
             return lambda: post(
                 lambda b: (str(b.get("status", "")), b.get("comment"), base), self.discussions.change_status
@@ -396,9 +419,15 @@ class HubApp:
         if rest[1:] == ["merge"]:
             return lambda: post(lambda b: (b.get("comment"), base), self.discussions.merge)
         if len(rest) == 4 and rest[1] == "comment" and rest[3] == "edit":
-            return lambda: post(lambda b: (rest[2], str(b.get("content", ""))), self.discussions.edit_comment)
+            return self._limited(
+                "edit",
+                request,
+                lambda: post(
+                    lambda b: (rest[2], str(b.get("content", "")), base), self.discussions.edit_comment
+                ),
+            )
         if len(rest) == 4 and rest[1] == "comment" and rest[3] == "hide":
-            return lambda: post(lambda b: (rest[2],), self.discussions.hide_comment)
+            return lambda: post(lambda b: (rest[2], base), self.discussions.hide_comment)
         return None
 
     async def _call(self, fn: Callable[..., Any], request: Request, *args: Any) -> Response:
@@ -470,6 +499,7 @@ class HubApp:
         identity = await self.identity(request)
         if identity is None:
             raise Unauthorized("You must be authenticated (send a Bearer token) to commit.")
+        self._limit("commit", identity)
         parsed = await run_in_threadpool(self.commits.parse_commit, parse_ndjson(body))
         result = await run_in_threadpool(
             self.commits.commit, identity, key, revision, parsed, create_pr, self.base_url(request)

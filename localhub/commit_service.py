@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from localhub.accounts import Identity
-from localhub.cards import parse_card
+from localhub.cards import check_card
 from localhub.discussions import Discussion
 from localhub.errors import BadRequest, NotFound, PayloadTooLarge, Unauthorized
 from localhub.gitobj import git_blob_oid, make_entry, validate_path
@@ -340,7 +340,7 @@ class CommitService:
                         f"{path} is larger than the upload limit of {self.hub.config.max_upload_bytes} bytes."
                     )
                 if path == "README.md":
-                    parse_card(content.decode("utf-8", errors="replace"))
+                    check_card(content.decode("utf-8", errors="replace"))
                 sha256 = self.hub.blobs.put_bytes(content)
                 changes.append(AddFile(make_entry(path, sha256, len(content), False, git_blob_oid(content))))
             elif key == "lfsFile":
@@ -438,7 +438,10 @@ class CommitService:
                 "repo.content",
                 "update",
                 {
-                    "repo": repo_payload(repo, owner_id, base_url, head_sha=new.oid),
+                    # as on the Hub: headSha is main's head; the ref that moved is in updatedRefs
+                    "repo": repo_payload(
+                        repo, owner_id, base_url, head_sha=self.hub.repos.ref(conn, repo, "refs/heads/main")
+                    ),
                     "updatedRefs": [{"ref": ref_name, "oldSha": old, "newSha": new.oid}],
                 },
             )

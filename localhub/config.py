@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MiB = 1024 * 1024
+
+# The requests a rate limit may be set on (the Hub limits these per account).
+RateLimitedAction = Literal["comment", "edit", "commit", "whoami"]
+
+
+class RateLimit(BaseModel):
+    """At most `requests` of one action per account in each fixed window of `window_seconds`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    requests: int = Field(gt=0)
+    window_seconds: float = Field(gt=0)
 
 
 class HubConfig(BaseModel):
@@ -27,6 +40,11 @@ class HubConfig(BaseModel):
     commits_page_size: int = Field(default=50, gt=0)
     discussions_page_size: int = Field(default=50, gt=0)
     # Seconds to wait before each retry of a failed webhook delivery (so len+1 attempts in all).
-    webhook_retry_delays: tuple[float, ...] = (0.5, 2.0, 5.0)
+    # The Hub never retries on its own (only a manual replay does), so neither does localhub by default.
+    webhook_retry_delays: tuple[float, ...] = ()
+    # Deliveries one webhook receives per rolling 24 hours; the rest are dropped, as on the Hub.
+    webhook_daily_limit: int = Field(default=1000, gt=0)
+    # Per-account limits answered with 429, Retry-After and RateLimit headers (none by default).
+    rate_limits: dict[RateLimitedAction, RateLimit] = Field(default_factory=dict)
     webhook_timeout_seconds: float = Field(default=5.0, gt=0)
     download_chunk_bytes: int = Field(default=1 * MiB, gt=0)

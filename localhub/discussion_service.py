@@ -233,7 +233,9 @@ class DiscussionService:
     def _may_moderate(self, identity: Identity, repo: Repo, discussion: Discussion) -> bool:
         return identity.can_write(repo.namespace) or identity.user.name == discussion.author
 
-    def rename(self, identity: Identity | None, key: RepoKey, num: int, title: str) -> dict[str, Any]:
+    def rename(
+        self, identity: Identity | None, key: RepoKey, num: int, title: str, base_url: str
+    ) -> dict[str, Any]:
         user = self._require_user(identity)
         title = title.strip()
         if not 3 <= len(title) <= 200:
@@ -247,8 +249,19 @@ class DiscussionService:
             event = self.hub.discussions.add_event(
                 conn, discussion, "title-change", user.user.name, {"from": discussion.title, "to": title}, now
             )
-            self.hub.discussions.update(conn, discussion, title=title)
-            return {"newTitle": self._event_view(conn, event)}
+            discussion = self.hub.discussions.update(conn, discussion, title=title)
+            queued = self.hub.emit(
+                conn,
+                repo,
+                "discussion",
+                "discussion",
+                "update",
+                self._payload(conn, repo, discussion, base_url),
+            )
+            view = self._event_view(conn, event)
+        if queued:
+            self.hub.outbox_written()
+        return {"newTitle": view}
 
     def change_status(
         self,
@@ -302,8 +315,21 @@ class DiscussionService:
             raise NotFound(f"Comment {comment_id} not found in discussion #{discussion.num}.")
         return event
 
+    def _emit_comment_update(
+        self, conn: sqlite3.Connection, repo: Repo, discussion: Discussion, event: Event, base_url: str
+    ) -> int:
+        """The Hub reports every edit and hide as `discussion.comment` / `update` (hidden: no content)."""
+        return self.hub.emit(
+            conn,
+            repo,
+            "discussion",
+            "discussion.comment",
+            "update",
+            self._payload(conn, repo, discussion, base_url, event),
+        )
+
     def edit_comment(
-        self, identity: Identity | None, key: RepoKey, num: int, comment_id: str, content: str
+        self, identity: Identity | None, key: RepoKey, num: int, comment_id: str, content: str, base_url: str
     ) -> dict[str, Any]:
         user = self._require_user(identity)
         _, now = self.hub.now()
@@ -318,10 +344,14 @@ class DiscussionService:
             event = self.hub.discussions.replace_event_data(
                 conn, event, edited_comment_data(event.data, content, user.user.name, user.user.id, now)
             )
-            return {"updatedComment": self._event_view(conn, event)}
+            queued = self._emit_comment_update(conn, repo, discussion, event, base_url)
+            view = self._event_view(conn, event)
+        if queued:
+            self.hub.outbox_written()
+        return {"updatedComment": view}
 
     def hide_comment(
-        self, identity: Identity | None, key: RepoKey, num: int, comment_id: str
+        self, identity: Identity | None, key: RepoKey, num: int, comment_id: str, base_url: str
     ) -> dict[str, Any]:
         user = self._require_user(identity)
         _, now = self.hub.now()
@@ -334,7 +364,11 @@ class DiscussionService:
             event = self.hub.discussions.replace_event_data(
                 conn, event, hidden_comment_data(event.data, user.user.name, user.user.id, now)
             )
-            return {"updatedComment": self._event_view(conn, event)}
+            queued = self._emit_comment_update(conn, repo, discussion, event, base_url)
+            view = self._event_view(conn, event)
+        if queued:
+            self.hub.outbox_written()
+        return {"updatedComment": view}
 
     def merge(
         self, identity: Identity | None, key: RepoKey, num: int, comment: str | None, base_url: str
@@ -407,7 +441,9 @@ class DiscussionService:
                 "repo.content",
                 "update",
                 {
-                    "repo": repo_payload(repo, owner_id, base_url, head_sha=commit.oid),
+                    "repo": repo_payload(
+                        repo, owner_id, base_url, head_sha=self.hub.repos.ref(conn, repo, "refs/heads/main")
+                    ),
                     "updatedRefs": [{"ref": target, "oldSha": target_head, "newSha": commit.oid}],
                 },
             )

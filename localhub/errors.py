@@ -13,7 +13,8 @@
     │   └── DiscussionNotFound           404
     ├── Conflict                         409   (carries the conflicting resource's url when known)
     ├── PreconditionFailed               412
-    └── PayloadTooLarge                  413
+    ├── PayloadTooLarge                  413
+    └── TooManyRequests                  429   (Retry-After, RateLimit and RateLimit-Policy headers)
 
 Each error's message is written for the person on the client side: huggingface_hub
 shows it (from the ``X-Error-Message`` header and the JSON ``error`` field) inside
@@ -110,3 +111,19 @@ class PreconditionFailed(LocalHubError):
 
 class PayloadTooLarge(LocalHubError):
     status_code = 413
+
+
+class TooManyRequests(LocalHubError):
+    """A rate limit is reached; the headers say when to come back, as the Hub's do."""
+
+    status_code = 429
+
+    def __init__(self, action: str, *, retry_after: int, limit: int, window_seconds: int) -> None:
+        super().__init__(f"You have been rate-limited ({action}); retry in {retry_after} seconds.")
+        self.headers.update(
+            {
+                "Retry-After": str(retry_after),
+                "RateLimit": f'"api";r=0;t={retry_after}',
+                "RateLimit-Policy": f'"fixed window";"api";q={limit};w={window_seconds}',
+            }
+        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from localhub.accounts import Account, Accounts, Identity, TokenRole
@@ -19,6 +19,7 @@ from localhub.db import Clock, Database, iso, utc_now
 from localhub.discussions import Discussions
 from localhub.errors import Forbidden, GatedRepo, RepoNotFound, RevisionNotFound, Unauthorized
 from localhub.lfs import LinkSigner, load_or_create_key
+from localhub.ratelimits import RateLimiter
 from localhub.repos import Commit, Repo, Repos
 from localhub.spaces import SpaceRuntimes
 from localhub.webhooks import DOMAINS, Delivery, Domain, WatchedItem, Webhook, WebhookStore
@@ -39,6 +40,7 @@ class LocalHub:
         self.webhooks = WebhookStore()
         self.spaces = SpaceRuntimes()  # in memory: a stand-in, see localhub.spaces
         self._clock = clock
+        self.limits = RateLimiter(config.rate_limits, lambda: self._clock().timestamp())
         self._outbox_listeners: list[Callable[[], None]] = []
 
     # time and notifications
@@ -99,6 +101,13 @@ class LocalHub:
     def list_webhooks(self) -> list[Webhook]:
         with self.db.read() as conn:
             return self.webhooks.all(conn)
+
+    def replay_delivery(self, delivery_id: int) -> Delivery:
+        """Send a delivery again, as the Hub's "replay" button does (it never retries on its own)."""
+        with self.db.write() as conn:
+            delivery = self.webhooks.replay(conn, delivery_id)
+        self.outbox_written()
+        return delivery
 
     def deliveries(self, webhook_id: str | None = None) -> list[Delivery]:
         """The delivery log, oldest first: payload, status, attempts and the receiver's last answer."""
@@ -179,8 +188,18 @@ class LocalHub:
         body: dict[str, Any],
     ) -> int:
         """Queue a webhook event in the caller's transaction; call `outbox_written` after it commits."""
-        _, now = self.now()
-        return self.webhooks.enqueue(conn, repo, domain, scope, action, body, now)
+        moment, now = self.now()
+        return self.webhooks.enqueue(
+            conn,
+            repo,
+            domain,
+            scope,
+            action,
+            body,
+            now,
+            daily_limit=self.config.webhook_daily_limit,
+            day_ago=iso(moment - timedelta(days=1)),
+        )
 
 
 def require_namespace_write(identity: Identity, namespace: str) -> None:

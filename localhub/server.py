@@ -12,6 +12,7 @@ import uvicorn
 from localhub.accounts import Account, TokenRole
 from localhub.app import create_app
 from localhub.config import HubConfig
+from localhub.db import Clock, utc_now
 from localhub.hub import LocalHub
 from localhub.webhooks import DOMAINS, Delivery, Domain, WatchedItem, Webhook, WebhookDispatcher
 
@@ -20,10 +21,15 @@ class LocalHubServer:
     """A localhub serving `config.data_dir` on `host:port` (port 0: a free one), in a thread or in the foreground."""
 
     def __init__(
-        self, config: HubConfig, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"
+        self,
+        config: HubConfig,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        clock: Clock = utc_now,
     ) -> None:
         self.config = config
-        self.hub = LocalHub(config)
+        self.hub = LocalHub(config, clock=clock)
         self._host = host
         self._requested_port = port
         self._log_level = log_level

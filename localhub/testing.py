@@ -12,18 +12,24 @@ from pathlib import Path
 from typing import Any
 
 from localhub.config import HubConfig
+from localhub.db import Clock, utc_now
 from localhub.server import LocalHubServer
 
 
 @contextmanager
 def run_localhub(
-    data_dir: str | Path, host: str = "127.0.0.1", port: int = 0, **settings: Any
+    data_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    clock: Clock = utc_now,
+    **settings: Any,
 ) -> Iterator[LocalHubServer]:
     """Serve `data_dir` on a free port from a background thread; stop on exit.
 
-    `settings` are `HubConfig` fields (e.g. ``max_upload_bytes=1024``) for tests of limits.
+    `settings` are `HubConfig` fields (e.g. ``max_upload_bytes=1024``) for tests of limits;
+    `clock` is the hub's time (rate-limit windows, the webhooks' daily limit, dates).
     """
-    server = LocalHubServer(HubConfig(data_dir=Path(data_dir), **settings), host=host, port=port)
+    server = LocalHubServer(HubConfig(data_dir=Path(data_dir), **settings), host=host, port=port, clock=clock)
     server.start()
     try:
         yield server

@@ -2,8 +2,11 @@
 
 Deliveries are written to SQLite in the same transaction as the change they report (an
 outbox), so a commit and its notification land together and a delivery survives a restart.
-A single worker thread posts them in order, retries failures after `webhook_retry_delays`,
-and records every attempt in the delivery log (`LocalHub.deliveries()`).
+A single worker thread posts them in order and records every attempt in the delivery log
+(`LocalHub.deliveries()`). As on the Hub, a failed delivery is not retried (unless
+`webhook_retry_delays` asks for it) but can be replayed by hand (`LocalHub.replay_delivery`),
+and a webhook gets at most `webhook_daily_limit` deliveries per 24 hours: the rest are
+recorded as ``dropped`` and never sent.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from localhub.accounts import new_object_id
 from localhub.config import HubConfig
 from localhub.db import Database, iso, utc_now
 from localhub.discussions import Discussion, Event
-from localhub.errors import BadRequest
+from localhub.errors import BadRequest, NotFound
 from localhub.repos import Repo
 
 logger = logging.getLogger(__name__)
@@ -31,7 +34,7 @@ logger = logging.getLogger(__name__)
 WatchKind = Literal["model", "dataset", "space", "user", "org"]
 Domain = Literal["repo", "discussion"]
 DOMAINS: tuple[Domain, ...] = get_args(Domain)
-DeliveryStatus = Literal["pending", "delivered", "failed"]
+DeliveryStatus = Literal["pending", "delivered", "failed", "dropped"]
 
 
 @dataclass(frozen=True)
@@ -155,13 +158,16 @@ def discussion_payload(repo: Repo, discussion: Discussion, author_id: str, base_
 def comment_payload(
     repo: Repo, discussion: Discussion, event: Event, author_id: str, base_url: str
 ) -> dict[str, Any]:
-    return {
+    hidden = bool(event.data.get("hidden"))
+    data: dict[str, Any] = {
         "id": event.id,
         "author": {"id": author_id},
-        "content": event.data["latest"]["raw"],
-        "hidden": bool(event.data.get("hidden")),
+        "hidden": hidden,
         "url": {"web": f"{base_url}/{repo.web_path}/discussions/{discussion.num}#{event.id}"},
     }
+    if not hidden:  # the Hub leaves a hidden comment's content out
+        data["content"] = event.data["latest"]["raw"]
+    return data
 
 
 class WebhookStore:
@@ -256,8 +262,14 @@ class WebhookStore:
         action: str,
         body: dict[str, Any],
         now: str,
+        *,
+        daily_limit: int | None = None,
+        day_ago: str | None = None,
     ) -> int:
-        """Queue `body` (plus `event` and `webhook`) for every webhook that watches `repo` in `domain`."""
+        """Queue `body` (plus `event` and `webhook`) for every webhook that watches `repo` in `domain`.
+
+        A webhook that has had `daily_limit` deliveries since `day_ago` gets a ``dropped`` one instead.
+        """
         queued = 0
         for webhook in self.all(conn):
             if not webhook.wants(repo, domain) or (repo.private and not self._may_see(conn, webhook, repo)):
@@ -267,13 +279,47 @@ class WebhookStore:
                 **body,
                 "webhook": {"id": webhook.id, "version": 3},
             }
-            conn.execute(
-                "INSERT INTO deliveries (webhook_id, payload, status, attempts, next_attempt, created_at, updated_at) "
-                "VALUES (?, ?, 'pending', 0, 0, ?, ?)",
-                (webhook.id, json.dumps(payload), now, now),
+            over = (
+                daily_limit is not None
+                and day_ago is not None
+                and self._sent_since(conn, webhook.id, day_ago) >= daily_limit
             )
-            queued += 1
+            conn.execute(
+                "INSERT INTO deliveries (webhook_id, payload, status, attempts, next_attempt, error, created_at, "
+                "updated_at) VALUES (?, ?, ?, 0, 0, ?, ?, ?)",
+                (
+                    webhook.id,
+                    json.dumps(payload),
+                    "dropped" if over else "pending",
+                    "the webhook's daily delivery limit is reached" if over else None,
+                    now,
+                    now,
+                ),
+            )
+            queued += 0 if over else 1
         return queued
+
+    def _sent_since(self, conn: sqlite3.Connection, webhook_id: str, since: str) -> int:
+        row = conn.execute(
+            "SELECT COUNT(*) AS n FROM deliveries WHERE webhook_id = ? AND status != 'dropped' AND created_at > ?",
+            (webhook_id, since),
+        ).fetchone()
+        return int(row["n"])
+
+    def replay(self, conn: sqlite3.Connection, delivery_id: int) -> Delivery:
+        """Send a delivery again (the Hub's manual replay), whatever became of it.
+
+        Raises:
+            NotFound: no such delivery.
+        """
+        row = conn.execute("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"Delivery {delivery_id} not found.")
+        conn.execute(
+            "UPDATE deliveries SET status = 'pending', next_attempt = 0 WHERE id = ?", (delivery_id,)
+        )
+        found = conn.execute("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+        return _delivery(found)
 
     def _may_see(self, conn: sqlite3.Connection, webhook: Webhook, repo: Repo) -> bool:
         """Private repos are reported only to admin webhooks and to members of the repo's namespace."""

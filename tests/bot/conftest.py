@@ -35,7 +35,7 @@ from localhub.testing import run_localhub
 def world(tmp_path_factory: pytest.TempPathFactory, llama_family: Family) -> Iterator[World]:
     """acme/grandbase (card only) <- acme/base (apache-2.0) <- alice/ft-mit (mit), bob/ft-apache;
     plus parents under no-derivatives, llama3, gemma and `other` licences, and a gated one."""
-    with run_localhub(tmp_path_factory.mktemp("bot-hub"), webhook_retry_delays=(0.2, 0.5)) as hub:
+    with run_localhub(tmp_path_factory.mktemp("bot-hub")) as hub:  # as the Hub: no redelivery
         hub.add_user(BOT, BOT_TOKEN)
         hub.add_user("alice", ALICE_TOKEN, orgs=["acme"])
         hub.add_user("bob", BOB_TOKEN)
@@ -50,7 +50,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, llama_family: Family) -> Ite
         upload_model(bob, "bob/ft-nd", ft[2], card("cc-by-nd-4.0", "acme/base"))
         upload_model(alice, "alice/ft-llama", ft[2], card("llama3", "acme/base"))
         upload_model(bob, "bob/ft-gemma", ft[1], card("gemma", "acme/base"))
-        upload_model(bob, "bob/ft-other", ft[2], card("other", "acme/base", "license_name: custom-terms"))
+        upload_model(
+            bob,
+            "bob/ft-other",
+            ft[2],
+            card("other", "acme/base", "license_name: custom-terms\nlicense_link: LICENSE"),
+        )
         bot_api.create_repo(f"{BOT}/requests")
         yield World(hub, llama_family, alice, bob, bot_api)
 

@@ -94,6 +94,9 @@ def test_other_licence_needs_accept_license(world: World, serve_bot: BotFactory)
     info = world.alice.model_info(f"{BOT}/other-merge")
     assert info.card_data is not None and info.card_data.license == "other"
     assert info.card_data.to_dict()["license_name"] == "custom-terms"
+    # the parent's link is relative to its own repo: the merge's card points there, not to itself
+    link = info.card_data.to_dict()["license_link"]
+    assert link.startswith(f"{world.hub.endpoint}/bob/ft-other/blob/") and link.endswith("/LICENSE")
 
 
 def test_help_invalid_status_and_ignored_text(world: World, serve_bot: BotFactory) -> None:
