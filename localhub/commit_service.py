@@ -176,7 +176,7 @@ class CommitService:
         with self.hub.db.read() as conn:
             repo = self.hub.writable_repo(conn, identity, key.type, key.namespace, key.name)
             known = {o.oid: self.hub.repos.lfs_size(conn, repo, o.oid) for o in request.objects}
-        expires = int(time.time()) + config.upload_link_ttl_seconds
+        expires = int(self.hub.now()[0].timestamp()) + config.upload_link_ttl_seconds
         objects = []
         for obj in request.objects:
             if not SHA256_RE.fullmatch(obj.oid):
@@ -231,7 +231,7 @@ class CommitService:
         Raises:
             Forbidden: tampered or expired link. NotFound: the repo is gone.
         """
-        self.hub.signer.check(grant, signature, time.time())
+        self.hub.signer.check(grant, signature, self.hub.now()[0].timestamp())
         with self.hub.db.read() as conn:
             repo = self.hub.repos.by_pk(conn, grant.repo_pk)
         if repo is None:

@@ -272,7 +272,7 @@ def test_cli_merge_dry_run_check_and_errors(llama_family: Family, tmp_path: Path
         "merge",
         str(recipe),
         str(tmp_path / "out"),
-        "--cuda" if False else "--device",
+        "--device",
         "cpu",
         "--lazy-unpickle",
         "--allow-crimes",

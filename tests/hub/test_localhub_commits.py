@@ -6,6 +6,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -311,17 +312,18 @@ def test_tampered_or_expired_upload_links_are_refused(alice: HfApi, repo: str) -
 
 
 def test_expired_link(tmp_path: Path) -> None:
-    import time
-
-    with run_localhub(tmp_path / "ttl", upload_link_ttl_seconds=1) as short:
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    with run_localhub(tmp_path / "ttl", clock=lambda: now[0], upload_link_ttl_seconds=60) as short:
         short.add_user("erin", "tok-erin-12345")
         api = HfApi(endpoint=short.endpoint, token="tok-erin-12345")
         api.create_repo("erin/ttl")
         data = b"\0" + os.urandom(100)
         href = str(_upload_action(api, "erin/ttl", data)["href"])
-        time.sleep(2.1)
+        now[0] += timedelta(seconds=61)  # the hub's clock passes the link's expiry
         response = get_session().put(href, content=data)
         assert response.status_code == 403 and "expired" in response.text
+        still_valid = str(_upload_action(api, "erin/ttl", data)["href"])
+        assert get_session().put(still_valid, content=data).status_code == 200
 
 
 def test_an_interrupted_upload_leaves_nothing(alice: HfApi, repo: str, hub: LocalHubServer) -> None:

@@ -22,10 +22,13 @@ TOKEN = "tok-wendy-123456"
 class Receiver:
     """A webhook endpoint on 127.0.0.1 that records what it gets; it can fail the first `fail_first` posts."""
 
-    def __init__(self, fail_first: int = 0, delay: float = 0.0, port: int = 0) -> None:
+    def __init__(
+        self, fail_first: int = 0, delay: float = 0.0, port: int = 0, gate: threading.Event | None = None
+    ) -> None:
         self.received: list[tuple[dict[str, str], dict[str, Any]]] = []
         self.fail_first = fail_first
         self.delay = delay
+        self.gate = gate  # when given, every post waits for it before it is answered
         self.calls = 0
         receiver = self
 
@@ -34,6 +37,8 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.calls += 1
                 time.sleep(receiver.delay)
+                if receiver.gate is not None:
+                    receiver.gate.wait(60)
                 if receiver.calls <= receiver.fail_first:
                     self.send_response(503)
                 else:
@@ -146,12 +151,18 @@ def test_unreachable_receiver_ends_failed(server: LocalHubServer) -> None:
 def test_delivery_does_not_block_requests(server: LocalHubServer) -> None:
     api = HfApi(endpoint=server.endpoint, token=TOKEN)
     api.create_repo("hooks/slow")
-    with Receiver(delay=0.5) as receiver:
+    gate = threading.Event()
+    with Receiver(gate=gate) as receiver:
         server.add_webhook(receiver.url, ["model:hooks/slow"])
-        started = time.monotonic()
-        api.create_discussion("hooks/slow", "Quick answer please")
-        api.create_discussion("hooks/slow", "And another")
-        assert time.monotonic() - started < 0.4
+        asked = threading.Thread(
+            target=lambda: [api.create_discussion("hooks/slow", title) for title in ("Quick", "And another")]
+        )
+        asked.start()
+        asked.join(60)  # a hub that delivered inline would still be waiting on the held receiver
+        held = not asked.is_alive() and receiver.received == []
+        gate.set()
+        asked.join()
+        assert held, "creating discussions waited for the webhook receiver"
         wait_for(lambda: len(receiver.received) == 2)
 
 
