@@ -203,6 +203,10 @@ def check_search_file(text: str, *, limits: SearchLimits) -> tuple[dict[str, Any
     return data, spec, data_ref
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1_000_000 else f"{n / 1e3:.1f} kB"
+
+
 def _check_bounds(spec: SearchSpec, limits: SearchLimits) -> None:
     """Every number of a validated search file against the bot's ceilings, all problems at once.
 
@@ -285,8 +289,8 @@ def preflight_search(
         sha = found.sha
         if found.size is not None and found.size > limits.data_bytes:
             problems.append(
-                f"The evaluation data is {found.size / 1e6:.1f} MB, above this bot's limit of "
-                f"{limits.data_bytes / 1e6:.1f} MB; use a smaller file."
+                f"The evaluation data is {_size(found.size)}, above this bot's limit of "
+                f"{_size(limits.data_bytes)}; use a smaller file."
             )
         shown = f"{'datasets/' if data_ref.repo_type == 'dataset' else ''}{data_ref.repo_id}"
         check_rights([RepoFacts(shown, sha, gated=found.gated, private=found.private)], rights, private=private)
