@@ -378,8 +378,9 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
             submit, [recipe, name, private, accept, mine, guest], [*check_outputs, tabs, mine, job_box]
         )
 
-        def refresh() -> str:
-            return queue_html(queue_rows(service.jobs(), service.hub_url, service.notes()))
+        def refresh(session_jobs: list[str], profile: gr.OAuthProfile | None) -> str:
+            listed = service.jobs(viewer=user_name(profile), session_jobs=session_jobs or [])
+            return queue_html(queue_rows(listed, service.hub_url, service.notes()))
 
         wire_evolve(tabs, mine, job_box, guest)
 
@@ -400,11 +401,11 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
                 return f"**Not resumed:** {error_message(exc)}"
             return f"▶️ Job `{job.id}` is back in the queue."
 
-        cancel_btn.click(cancel, [job_box, mine], job_note).then(refresh, None, queue)
-        resume_btn.click(resume, [job_box], job_note).then(refresh, None, queue)
+        cancel_btn.click(cancel, [job_box, mine], job_note).then(refresh, [mine], queue)
+        resume_btn.click(resume, [job_box], job_note).then(refresh, [mine], queue)
 
-        timer.tick(refresh, None, queue, show_progress="hidden")
-        ui.load(refresh, None, queue)
+        timer.tick(refresh, [mine], queue, show_progress="hidden")
+        ui.load(refresh, [mine], queue)
     return ui
 
 

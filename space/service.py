@@ -16,6 +16,7 @@ ungated repos only, and cannot be private (:mod:`bot.rights`); each page session
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Collection, Mapping
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+PRIVATE = "(private)"  # what the queue shows others of a private job's requester and destination
 
 
 @dataclass(frozen=True)
@@ -440,10 +442,34 @@ class SpaceService:
 
     # -- queue ----------------------------------------------------------------------------
 
-    def jobs(self) -> list[tuple[Job, int | None]]:
-        """Every job, newest first, with its place in the queue (None once finished)."""
+    def jobs(
+        self, *, viewer: str | None = None, session_jobs: Collection[str] = ()
+    ) -> list[tuple[Job, int | None]]:
+        """Every job, newest first, with its place in the queue (None once finished).
+
+        A private job's requester, destination and recipe are shown only to that requester (signed in as
+        ``viewer``) or to the page session that submitted it (``session_jobs``); guests are shown
+        as ``guest``, never by their session's identity.
+        """
         jobs = self.bot.store.all()
-        return [(j, self.bot.store.queue_position(j.id)) for j in reversed(jobs)]
+        return [
+            (self._as_seen(j, viewer, session_jobs), self.bot.store.queue_position(j.id)) for j in reversed(jobs)
+        ]
+
+    def _as_seen(self, job: Job, viewer: str | None, session_jobs: Collection[str]) -> Job:
+        owner = job.id in session_jobs or (viewer is not None and not is_guest(viewer) and job.spec.requester == viewer)
+        if job.spec.private and not owner:
+            hidden: dict[str, object] = {
+                "requester": PRIVATE,
+                "destination": PRIVATE,
+                "recipe_yaml": "",
+                "parents": {},
+                "search_yaml": None,
+            }
+            return dataclasses.replace(job, spec=job.spec.model_copy(update=hidden))
+        if is_guest(job.spec.requester):
+            return dataclasses.replace(job, spec=job.spec.model_copy(update={"requester": "guest"}))
+        return job
 
     def notes(self) -> Mapping[str, str]:
         """Each running job's latest progress line (an evolve job's trial and best score)."""

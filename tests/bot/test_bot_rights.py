@@ -107,6 +107,13 @@ def test_a_signed_in_user_reads_with_their_own_token(
     assert service.check(mine, name="from-private", signed_in=ALICE, private=True).ok
     job = service.submit(mine, name="from-private", private=True, signed_in=ALICE)
     assert job.spec.destination == "alice/from-private" and job.spec.private
+    # the Space's queue names a private job only to its requester
+    (seen,) = [j for j, _ in service.jobs() if j.id == job.id]
+    assert seen.spec.destination == "(private)" and seen.spec.requester == "(private)"
+    (seen,) = [j for j, _ in service.jobs(viewer="bob") if j.id == job.id]
+    assert "alice" not in seen.spec.model_dump_json()
+    (seen,) = [j for j, _ in service.jobs(viewer="alice") if j.id == job.id]
+    assert seen.spec.destination == "alice/from-private"
     # bob's own token cannot see alice's private model, nor does the bot's lend it to him
     with pytest.raises(PreflightError, match="does not exist"):
         service.submit(mine, name="from-alices", private=True, signed_in=BOB)
@@ -166,6 +173,7 @@ def test_guests_are_each_their_own_requester(world: World, serve_bot: BotFactory
     assert one != two and is_guest(one) and ":" in one
     first = service.submit(RECIPE, name="guest-one", requester=one)
     assert first.spec.requester == one
+    assert all(j.spec.requester != one for j, _ in service.jobs())  # the queue shows "guest", not the id
     with pytest.raises(QuotaError):  # the same page session: its own quota
         service.submit(RECIPE, name="guest-one-more", requester=one)
     second = service.submit(RECIPE, name="guest-two", requester=two)  # another session is not blocked
