@@ -260,7 +260,7 @@ class JobStore:
         return self.all_for(destination, ACTIVE)
 
     def queue_position(self, job_id: str) -> int | None:
-        """1 for the next job to run (0 while running); None when the job is finished."""
+        """1 for the next job to run in fair order (0 while running); None when the job is finished."""
         job = self.get(job_id)
         if job is None or job.state not in ACTIVE:
             return None
@@ -268,12 +268,8 @@ class JobStore:
             return 0
         if job.state == "needs_sign_in":
             return None
-        with self.engine.connect() as conn:
-            seq = conn.execute(sa.select(_jobs.c.seq).where(_jobs.c.id == job_id)).scalar_one()
-            ahead = conn.execute(
-                sa.select(sa.func.count()).where(_jobs.c.state == "queued", _jobs.c.seq < seq)
-            ).scalar_one()
-        return int(ahead) + 1
+        order = self.fair_order()
+        return order.index(job_id) + 1 if job_id in order else None
 
     def _update(self, job_id: str, *conditions: Any, **values: Any) -> bool:
         with self._lock, self.engine.begin() as conn:
@@ -297,22 +293,33 @@ class JobStore:
                 conn.execute(_starts.insert().values(job_id=job_id, requester=requester, started_at=now))
             return bool(taken)
 
-    def next_fair(self, now: datetime | None = None) -> str | None:
-        """The queued job to run next: the requester with the fewest starts in :data:`FAIR_WINDOW` goes first
-        (guests count as one), then the oldest job; None when nothing waits."""
+    def fair_order(self, now: datetime | None = None) -> list[str]:
+        """The queued jobs in the order they will run: each turn goes to the requester with the fewest
+        starts in :data:`FAIR_WINDOW` (guests count as one), then to the oldest job."""
         since = (now or _now()) - FAIR_WINDOW
         with self.engine.connect() as conn:
-            waiting = conn.execute(
-                sa.select(_jobs.c.id, _jobs.c.requester).where(_jobs.c.state == "queued").order_by(_jobs.c.seq)
-            ).all()
-            if not waiting:
-                return None
+            waiting = [
+                (str(r.id), _fair_group(r.requester))
+                for r in conn.execute(
+                    sa.select(_jobs.c.id, _jobs.c.requester).where(_jobs.c.state == "queued").order_by(_jobs.c.seq)
+                )
+            ]
             started: dict[str, int] = {}
             for (requester,) in conn.execute(sa.select(_starts.c.requester).where(_starts.c.started_at >= since)):
                 group = _fair_group(requester)
                 started[group] = started.get(group, 0) + 1
-        best = min(range(len(waiting)), key=lambda i: (started.get(_fair_group(waiting[i].requester), 0), i))
-        return str(waiting[best].id)
+        order = []
+        while waiting:
+            best = min(range(len(waiting)), key=lambda i: (started.get(waiting[i][1], 0), i))
+            job_id, group = waiting.pop(best)
+            order.append(job_id)
+            started[group] = started.get(group, 0) + 1
+        return order
+
+    def next_fair(self, now: datetime | None = None) -> str | None:
+        """The queued job to run next (the first of :meth:`fair_order`); None when nothing waits."""
+        order = self.fair_order(now)
+        return order[0] if order else None
 
     def claim_next(self) -> str | None:
         """Claim the job :meth:`next_fair` names; None when nothing waits."""

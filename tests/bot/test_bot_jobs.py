@@ -181,12 +181,16 @@ def test_turns_are_fair_between_requesters(tmp_path: Path) -> None:
     guest_x, guest_y = new_guest(), new_guest()
     order = ["alice", "alice", "alice", "bob", guest_x, guest_y, "carol"]
     ids = {store.add(spec(user, f"bot/{i}")).id: user for i, user in enumerate(order)}
+    expected = ["alice", "bob", guest_x, "carol", "alice", guest_y, "alice"]
+    # each job's place in the queue says where it will run
+    places = {store.queue_position(job_id): user for job_id, user in ids.items()}
+    assert [places[p] for p in range(1, len(order) + 1)] == expected
     ran = []
     while (job_id := store.claim_next()) is not None:
         ran.append(ids[job_id])
         store.finish(job_id, "succeeded", commit="c")
     # alice's queue does not hold bob and carol back; the guests share one turn between them
-    assert ran == ["alice", "bob", guest_x, "carol", "alice", guest_y, "alice"]
+    assert ran == expected
 
 
 def test_turns_forget_starts_older_than_the_window(tmp_path: Path) -> None:
