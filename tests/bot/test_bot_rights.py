@@ -195,7 +195,7 @@ def test_guests_are_each_their_own_requester(world: World, serve_bot: BotFactory
     assert service.submit(RECIPE, name="not-alice", requester="alice").spec.requester != "alice"
 
 
-def test_stacked_slices_and_long_jobs_are_bounded(world: World, serve_bot: BotFactory) -> None:
+def test_stacked_slices_are_bounded(world: World, serve_bot: BotFactory) -> None:
     server = serve_bot(max_slices=4)
     rows = "".join(
         "  - sources:\n      - model: acme/base\n        layer_range: [0, 2]\n" for _ in range(5)
@@ -205,6 +205,8 @@ def test_stacked_slices_and_long_jobs_are_bounded(world: World, serve_bot: BotFa
     assert "stacks 5 slices" in reply and "at most 4" in reply
     assert server.bot.store.all() == []
 
+
+def test_a_job_past_the_time_limit_fails_and_publishes_nothing(world: World, serve_bot: BotFactory) -> None:
     now = [0.0]
 
     def clock() -> float:  # every look at the clock is an hour later
