@@ -228,3 +228,15 @@ def test_private_results_go_to_the_requesters_namespace(world: World, serve_bot:
     assert done.id == job.id and done.state == "succeeded", done.reason
     assert world.alice.model_info("alice/alices-private").private
     assert not world.bob.repo_exists("alice/alices-private")
+
+
+def test_rights_are_checked_again_when_a_job_runs(world: World, serve_bot: BotFactory) -> None:
+    upload_model(world.bot_api, f"{BOT}/gated-later", world.family.finetunes[0], card("mit", "acme/base"))
+    server = serve_bot(run_jobs=False)
+    ask(world.bob, merge_command("before-the-gate", linear("acme/base", f"{BOT}/gated-later")))
+    queued = wait_for(lambda: server.bot.store.all_for(f"{BOT}/before-the-gate"), what="the queued job")
+    world.bot_api.update_repo_settings(f"{BOT}/gated-later", gated="auto")  # between queue and run
+    server.bot.queue.resume()
+    job = finished_job(server.bot, f"{BOT}/before-the-gate")
+    assert job.id == queued[0].id and job.state == "failed" and "is gated" in (job.reason or "")
+    assert not world.bot_api.repo_exists(f"{BOT}/before-the-gate")
