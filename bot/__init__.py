@@ -6,6 +6,7 @@
 Modules: settings (environment), hub (every Hub call), commands (text -> command), licenses
 (licence rules), cards (model cards), jobs (store and scheduler), worker (one job),
 evolve (the `evolve` job kind), credentials (signed-in users' tokens, memory only),
+rights (what a requester may read and publish),
 webhooks (payloads), service (routing), app (HTTP), cli (`mergebot bot serve`),
 markdown (strangers' text escaped in comments and cards).
 """

@@ -4,12 +4,14 @@
     ├── CommandError            the discussion text could not be understood (comes with usage help)
     ├── LicenseRefused          the parents' licenses forbid the merge, or need ``--accept-license``
     ├── PreflightError          the parents cannot be read or merged (names the model and the reason)
+    │   └── AccessRefused       an input is beyond the requester's rights, or the result would outlive them
     ├── QuotaError              the requester already has too many jobs waiting
     ├── TooLargeError           the merged model would exceed the bot's size limit
     ├── DestinationError        the result repo cannot be created (exists, bad name)
     ├── JobNotFound             `cancel`/`status` named a job that does not exist or is not theirs
     ├── JobCancelled            raised inside a running merge when its job is cancelled
     ├── JobInterrupted          raised inside a running merge when the bot shuts down (the job is re-queued)
+    ├── JobTimedOut             raised inside a running merge when it runs past the bot's time limit
     └── HubError                the Hub failed in a way the user cannot fix (status code, no body)
 
 Engine errors (``engine.MergeError``) are shown unchanged: they are written for users too.
@@ -39,6 +41,14 @@ class PreflightError(BotError):
     pass
 
 
+class AccessRefused(PreflightError):
+    """The request reads what its requester could not read, or would publish it more widely."""
+
+    def __init__(self, reasons: tuple[str, ...]) -> None:
+        self.reasons = reasons
+        super().__init__("\n".join(reasons))
+
+
 class TooLargeError(BotError):
     def __init__(self, size: int, limit: int) -> None:
         self.size = size
@@ -50,9 +60,15 @@ class TooLargeError(BotError):
 
 
 class QuotaError(BotError):
-    def __init__(self, user: str, limit: int) -> None:
+    def __init__(self, user: str, limit: int, *, guests: bool = False) -> None:
         self.user = user
         self.limit = limit
+        if guests:
+            super().__init__(
+                f"Visitors who are not signed in already have {limit} merge(s) waiting between them; "
+                "wait for one to finish, or sign in with Hugging Face to use your own quota."
+            )
+            return
         super().__init__(
             f"@{user} already has {limit} merge(s) waiting; wait for one to finish or cancel one "
             "(`cancel <job>`) before asking for another."
@@ -79,6 +95,16 @@ class JobInterrupted(BotError):
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         super().__init__(f"Job `{job_id}` was interrupted by a restart of the bot; it will run again.")
+
+
+class JobTimedOut(BotError):
+    def __init__(self, job_id: str, minutes: float) -> None:
+        self.job_id = job_id
+        self.minutes = minutes
+        super().__init__(
+            f"Job `{job_id}` ran past this bot's limit of {minutes:g} minutes per job and was stopped. "
+            "Ask for a smaller merge or search, or run it yourself with `mergebot`."
+        )
 
 
 class HubError(BotError):

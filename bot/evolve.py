@@ -9,7 +9,11 @@ because the bot reads the Hub, not a disk:
   repo, ``hf://org/name/path.txt`` for a model repo, optionally ``@revision`` after the name;
 - ``evaluation.kind`` is ``perplexity``, ``exact_match`` or ``loglikelihood`` (not ``lm_eval``,
   whose tasks may run code and fetch data from elsewhere);
-- ``budget.trials`` is required, at most the bot's ``max_evolve_trials``;
+- ``budget.trials`` is required, at most the bot's ``max_evolve_trials``; ``budget.minutes`` fits
+  in the bot's time limit per job, and every other number has a ceiling (:data:`SEARCH_BOUNDS`);
+- the data file is at most ``max_evolve_data_bytes`` (its size is read from the repo's file
+  metadata before anything is downloaded);
+- models and data are read with the requester's rights (:mod:`bot.rights`);
 - ``storage`` is refused: each job keeps its study in its own work folder (a database URL written
   in a comment is never opened).
 
@@ -41,6 +45,8 @@ from bot.hub import Hub, RepoFacts
 from bot.jobs import Job
 from bot.licenses import LicenseVerdict
 from bot.markdown import code_span
+from bot.rights import ANONYMOUS, Rights, check_rights
+from bot.settings import Settings
 from bot.worker import StatusComment, _walk_models, commit_description, hub_repo, job_marker, preflight
 from engine import MergeError
 from engine.verify import check_loads
@@ -61,6 +67,30 @@ PLOT_FILE = "score_vs_trial.png"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 BOT_EVALUATIONS = ("perplexity", "exact_match", "loglikelihood")
 TOP_TRIALS = 10
+MAX_MODELS = 8  # a search downloads every model it names
+# The ceiling of each number in a search file's `evaluation` (the bot's policy; the engine checks the floors).
+SEARCH_BOUNDS: tuple[tuple[str, int], ...] = (
+    ("search_size", 1000),
+    ("report_size", 1000),
+    ("validation_size", 1000),
+    ("finalists", 10),
+    ("block_size", 2048),
+    ("max_new_tokens", 256),
+    ("batch_size", 32),
+)
+
+
+@dataclass(frozen=True)
+class SearchLimits:
+    """What one search may ask for: trials, minutes (None: no limit), and the data file's bytes."""
+
+    trials: int
+    minutes: float | None
+    data_bytes: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> SearchLimits:
+        return cls(settings.max_evolve_trials, settings.job_timeout_minutes, settings.max_evolve_data_bytes)
 
 
 @dataclass(frozen=True)
@@ -138,7 +168,7 @@ def _with_models(data: dict[str, Any], mapping: Callable[[str], str]) -> dict[st
     return out
 
 
-def check_search_file(text: str, *, max_trials: int) -> tuple[dict[str, Any], SearchSpec, DataRef]:
+def check_search_file(text: str, *, limits: SearchLimits) -> tuple[dict[str, Any], SearchSpec, DataRef]:
     """The search file against the engine's rules and the bot's conventions (no Hub access).
 
     Returns:
@@ -150,6 +180,7 @@ def check_search_file(text: str, *, max_trials: int) -> tuple[dict[str, Any], Se
     """
     from engine.evolve.spec import parse_search, validate_search
 
+    max_trials = limits.trials
     data, lines = parse_search(text)
     if "storage" in data:
         raise _search_file_error("storage", "the bot keeps each search's study itself; remove `storage`")
@@ -170,19 +201,58 @@ def check_search_file(text: str, *, max_trials: int) -> tuple[dict[str, Any], Se
     for ref in model_refs(data):
         hub_repo(ref)
     spec = validate_search(data, lines=lines, on_disk=False)  # nothing is downloaded yet
+    _check_bounds(spec, limits)
     return data, spec, data_ref
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1_000_000 else f"{n / 1e3:.1f} kB"
+
+
+def _check_bounds(spec: SearchSpec, limits: SearchLimits) -> None:
+    """Every number of a validated search file against the bot's ceilings, all problems at once.
+
+    Raises:
+        engine.evolve.SearchFileError: a number is above its ceiling.
+    """
+    from engine.evolve.errors import SearchFileError, SearchProblem
+
+    problems = [
+        SearchProblem(f"evaluation.{field}", f"this bot allows at most {ceiling}")
+        for field, ceiling in SEARCH_BOUNDS
+        if (value := getattr(spec.evaluation, field)) is not None and value > ceiling
+    ]
+    if len({spec.base_model, *spec.models}) > MAX_MODELS:
+        problems.append(SearchProblem("models", f"this bot searches over at most {MAX_MODELS} models"))
+    minutes = spec.budget.minutes
+    if minutes is not None and limits.minutes is not None and minutes > limits.minutes:
+        problems.append(SearchProblem("budget.minutes", f"this bot stops any job after {limits.minutes:g} minutes"))
+    if problems:
+        raise SearchFileError(problems)
+
+
 def preflight_search(
-    hub: Hub, text: str, *, accept_license: bool, name: str, endpoint: str, token: str, max_trials: int
+    hub: Hub,
+    text: str,
+    *,
+    accept_license: bool,
+    name: str,
+    endpoint: str,
+    token: str,
+    limits: SearchLimits,
+    rights: Rights = ANONYMOUS,
+    private: bool = False,
 ) -> SearchPreflight:
     """Validate a search file and check its models and data on the Hub; pin every repo to a commit.
 
+    Models and data are read, and judged, with ``rights`` (see :func:`bot.worker.preflight`).
+
     Raises:
         engine.MergeError (SearchFileError, RecipeError): the file is invalid. PreflightError: a
-        repo or the data file cannot be read, or the models disagree. LicenseRefused: licences.
+        repo or the data file cannot be read, is too large, or the models disagree.
+        AccessRefused: the requester's rights do not allow it. LicenseRefused: licences.
     """
-    data, spec, data_ref = check_search_file(text, max_trials=max_trials)
+    data, spec, data_ref = check_search_file(text, limits=limits)
     refs = model_refs(data)
     recipe: dict[str, Any] = {
         "merge_method": "linear",
@@ -197,23 +267,35 @@ def preflight_search(
         name=name,
         endpoint=endpoint,
         token=token,
+        rights=rights,
+        private=private,
     )
+    reader = rights.reader(hub)
     pins = {ref: f"{hub_repo(ref)[0]}@{pre.facts[hub_repo(ref)[0]].sha}" for ref in refs}
     base_repo = hub_repo(spec_base(data))[0]
     problems: list[str] = []  # both Hub checks below, reported together
     base_sha = pre.facts[base_repo].sha
-    if not any(hub.has_file(base_repo, file, revision=base_sha) for file in TOKENIZER_FILES):
+    if not any(reader.has_file(base_repo, file, revision=base_sha) for file in TOKENIZER_FILES):
         problems.append(
             f"`{base_repo}` has no tokenizer ({' or '.join(TOKENIZER_FILES)}); the search scores "
             "each merge with the base model's tokenizer."
         )
     sha = ""
     try:
-        sha = hub.file_sha(
+        found = reader.file_facts(
             data_ref.repo_id, data_ref.path, repo_type=data_ref.repo_type, revision=data_ref.revision
         )
     except PreflightError as exc:
         problems.append(f"The evaluation data cannot be read: {exc}")
+    else:
+        sha = found.sha
+        if found.size is not None and found.size > limits.data_bytes:
+            problems.append(
+                f"The evaluation data is {_size(found.size)}, above this bot's limit of "
+                f"{_size(limits.data_bytes)}; use a smaller file."
+            )
+        shown = f"{'datasets/' if data_ref.repo_type == 'dataset' else ''}{data_ref.repo_id}"
+        check_rights([RepoFacts(shown, sha, gated=found.gated, private=found.private)], rights, private=private)
     if problems:
         raise PreflightError("\n".join(problems))
     pinned = _with_models(data, lambda ref: pins.get(ref, ref))
@@ -321,7 +403,7 @@ def _run(worker: Worker, job: Job, status: StatusComment, publisher: Hub, work: 
     spec_yaml = job.spec.search_yaml or ""
     data: dict[str, Any] = yaml.safe_load(spec_yaml)
     data_ref = parse_data_ref(data["evaluation"]["data"])
-    hub = worker.hub
+    hub = worker.rights(job).reader(worker.hub)  # inputs are read with the requester's rights
     status.show(f"⚙️ Job `{job.id}` is running: downloading the models…")
     local: dict[str, str] = {}
     for ref in model_refs(data):
@@ -378,13 +460,16 @@ def _publish(
 ) -> str:
     spec = job.spec
     name = spec.destination.split("/")[-1]
+    rights = worker.rights(job)
     pre = preflight(
         worker.hub,
         recipe_yaml,
         accept_license=spec.accept_license,
         name=name,
         endpoint=worker.settings.hf_endpoint,
-        token=worker.settings.hf_token.get_secret_value(),
+        token=rights.read_token(worker.settings.hf_token.get_secret_value()),
+        rights=rights,
+        private=spec.private,
     )
     lineage = worker.hub.lineage(list(pre.facts), worker.settings.lineage_depth)
     model = out / "model"

@@ -26,6 +26,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
 from bot.errors import DestinationError, HubError, PreflightError
@@ -49,6 +50,16 @@ class RepoFacts:
     gated: bool = False
     private: bool = False
     base_models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """One file of a repo at a commit: its size (from metadata), and who may read the repo."""
+
+    sha: str
+    size: int | None
+    private: bool = False
+    gated: bool = False
 
 
 @dataclass(frozen=True)
@@ -242,8 +253,8 @@ class Hub:
     def repo_exists(self, repo_id: str) -> bool:
         return self._call(f"looking up `{repo_id}`", lambda: self._api.repo_exists(repo_id))
 
-    def file_sha(self, repo_id: str, path: str, *, repo_type: str, revision: str | None) -> str:
-        """The commit of ``repo_id`` at ``revision`` if it holds ``path``.
+    def file_facts(self, repo_id: str, path: str, *, repo_type: str, revision: str | None) -> FileFacts:
+        """The commit of ``repo_id`` at ``revision``, and the size of ``path`` there, from file metadata (no download).
 
         Raises:
             PreflightError: the repo, the revision or the file does not exist (or the bot cannot read it).
@@ -251,7 +262,7 @@ class Hub:
         shown = f"{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}"
         try:
             info = self._api.repo_info(repo_id, repo_type=repo_type, revision=revision)
-            found = self._api.file_exists(repo_id, path, repo_type=repo_type, revision=info.sha)
+            listed = self._api.get_paths_info(repo_id, [path], repo_type=repo_type, revision=info.sha)
         except HFValidationError:
             raise PreflightError(f"{code_span(shown)} is not a Hub repo id.") from None
         except GatedRepoError:
@@ -264,9 +275,15 @@ class Hub:
             raise PreflightError(f"`{shown}` does not exist on the Hub, or the bot cannot see it.") from None
         except HfHubHTTPError as exc:
             raise HubError(f"reading `{shown}`", _status(exc)) from None
-        if not found:
+        entry = next((e for e in listed if e.path == path), None)
+        if not isinstance(entry, RepoFile):
             raise PreflightError(f"`{shown}` has no file `{path}`.")
-        return str(info.sha)
+        return FileFacts(
+            sha=str(info.sha),
+            size=entry.size,
+            private=bool(info.private),
+            gated=bool(getattr(info, "gated", False)),
+        )
 
     def has_file(self, repo_id: str, path: str, *, revision: str | None = None) -> bool:
         """Whether a model repo holds ``path`` at ``revision``."""
@@ -299,7 +316,10 @@ class Hub:
         return Path(local)
 
     def lineage(self, roots: Sequence[str], depth: int) -> Lineage:
-        """Walk ``base_model`` metadata up from ``roots`` for ``depth`` generations (cycles and gaps are safe)."""
+        """Walk ``base_model`` metadata up from ``roots`` for ``depth`` generations (cycles and gaps are safe).
+
+        A private repo is shown as missing (not followed), whoever can read it.
+        """
         nodes: dict[str, LineageNode] = {}
         queue: deque[tuple[str, int]] = deque((r, 0) for r in dict.fromkeys(roots))
         truncated = False
@@ -313,6 +333,9 @@ class Hub:
             try:
                 facts = self.repo_facts(repo_id)
             except (PreflightError, HubError):
+                nodes[repo_id] = LineageNode(repo_id, None, (), missing=True)
+                continue
+            if facts.private:  # what the bot's token sees of a private repo is not the card's to tell
                 nodes[repo_id] = LineageNode(repo_id, None, (), missing=True)
                 continue
             nodes[repo_id] = LineageNode(repo_id, facts.license, facts.base_models)

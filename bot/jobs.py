@@ -13,6 +13,10 @@ States::
       v  | resume                       |
     needs_sign_in ----------------------'
 
+Fair turns: whichever job the executor is handed, it runs the queued job of the requester with the
+fewest jobs started in the last :data:`FAIR_WINDOW` (the Space's anonymous visitors count as one
+requester), the oldest of that requester's; so one requester's long queue cannot block the others.
+
 ``needs_sign_in``: the job publishes with a signed-in user's token (``spec.credential == "user"``),
 which lives only in the memory of the process that took it (:mod:`bot.credentials`); a restarted
 process has lost it, so the job waits there until the same user signs in again, or cancels it.
@@ -23,11 +27,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import secrets
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -45,6 +50,22 @@ JobKind = Literal["merge", "remerge", "evolve"]
 Credential = Literal["bot", "user"]  # whose token publishes the result (never the token itself)
 SIGN_IN_AGAIN = "the bot restarted and forgot your sign-in; sign in again to resume, or cancel"
 SIGN_IN_EXPIRED = "your sign-in expired or was revoked; sign in again to resume, or cancel"
+FAIR_WINDOW = timedelta(hours=24)
+# An anonymous Space visitor's identity: one per page session, never a Hub user name (those hold no ':').
+GUEST_PREFIX = "guest:"
+
+
+def new_guest() -> str:
+    """A fresh identity for one anonymous page session."""
+    return GUEST_PREFIX + secrets.token_urlsafe(12)
+
+
+def is_guest(requester: str) -> bool:
+    return requester.startswith(GUEST_PREFIX)
+
+
+def _fair_group(requester: str) -> str:
+    return GUEST_PREFIX if is_guest(requester) else requester
 
 
 class ReportTo(BaseModel):
@@ -113,6 +134,14 @@ _notes = sa.Table(
     _meta,
     sa.Column("job_id", sa.String(32), primary_key=True),
     sa.Column("text", sa.Text, nullable=False),
+)
+# When each job was taken from the queue, and for whom: what fair turns count.
+_starts = sa.Table(
+    "mergebot_starts",
+    _meta,
+    sa.Column("job_id", sa.String(32), primary_key=True),
+    sa.Column("requester", sa.String(200), nullable=False, index=True),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
 _seen = sa.Table(
     "mergebot_seen",
@@ -211,6 +240,14 @@ class JobStore:
     def active_count(self, requester: str) -> int:
         return len(self.all(requester=requester, states=ACTIVE))
 
+    def active_guest_count(self) -> int:
+        """Jobs waiting or running for anonymous visitors, all of them together."""
+        query = sa.select(sa.func.count()).where(
+            _jobs.c.requester.startswith(GUEST_PREFIX, autoescape=True), _jobs.c.state.in_(list(ACTIVE))
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
     def all_for(self, destination: str, states: Sequence[State] | None = None) -> list[Job]:
         """Jobs that publish to ``destination``, oldest first."""
         query = sa.select(_jobs).where(_jobs.c.destination == destination).order_by(_jobs.c.seq)
@@ -223,7 +260,7 @@ class JobStore:
         return self.all_for(destination, ACTIVE)
 
     def queue_position(self, job_id: str) -> int | None:
-        """1 for the next job to run (0 while running); None when the job is finished."""
+        """1 for the next job to run in fair order (0 while running); None when the job is finished."""
         job = self.get(job_id)
         if job is None or job.state not in ACTIVE:
             return None
@@ -231,12 +268,8 @@ class JobStore:
             return 0
         if job.state == "needs_sign_in":
             return None
-        with self.engine.connect() as conn:
-            seq = conn.execute(sa.select(_jobs.c.seq).where(_jobs.c.id == job_id)).scalar_one()
-            ahead = conn.execute(
-                sa.select(sa.func.count()).where(_jobs.c.state == "queued", _jobs.c.seq < seq)
-            ).scalar_one()
-        return int(ahead) + 1
+        order = self.fair_order()
+        return order.index(job_id) + 1 if job_id in order else None
 
     def _update(self, job_id: str, *conditions: Any, **values: Any) -> bool:
         with self._lock, self.engine.begin() as conn:
@@ -247,7 +280,53 @@ class JobStore:
 
     def claim(self, job_id: str) -> bool:
         """queued -> running; False if the job is not queued (already taken, finished or cancelled)."""
-        return self._update(job_id, _jobs.c.state == "queued", state="running", progress=0.0)
+        with self._lock, self.engine.begin() as conn:
+            now = _now()
+            taken = conn.execute(
+                _jobs.update()
+                .where(_jobs.c.id == job_id, _jobs.c.state == "queued")
+                .values(updated_at=now, state="running", progress=0.0)
+            ).rowcount
+            if taken:
+                requester = conn.execute(sa.select(_jobs.c.requester).where(_jobs.c.id == job_id)).scalar_one()
+                conn.execute(sa.delete(_starts).where(_starts.c.job_id == job_id))
+                conn.execute(_starts.insert().values(job_id=job_id, requester=requester, started_at=now))
+            return bool(taken)
+
+    def fair_order(self, now: datetime | None = None) -> list[str]:
+        """The queued jobs in the order they will run: each turn goes to the requester with the fewest
+        starts in :data:`FAIR_WINDOW` (guests count as one), then to the oldest job."""
+        since = (now or _now()) - FAIR_WINDOW
+        with self.engine.connect() as conn:
+            waiting = [
+                (str(r.id), _fair_group(r.requester))
+                for r in conn.execute(
+                    sa.select(_jobs.c.id, _jobs.c.requester).where(_jobs.c.state == "queued").order_by(_jobs.c.seq)
+                )
+            ]
+            started: dict[str, int] = {}
+            for (requester,) in conn.execute(sa.select(_starts.c.requester).where(_starts.c.started_at >= since)):
+                group = _fair_group(requester)
+                started[group] = started.get(group, 0) + 1
+        order = []
+        while waiting:
+            best = min(range(len(waiting)), key=lambda i: (started.get(waiting[i][1], 0), i))
+            job_id, group = waiting.pop(best)
+            order.append(job_id)
+            started[group] = started.get(group, 0) + 1
+        return order
+
+    def next_fair(self, now: datetime | None = None) -> str | None:
+        """The queued job to run next (the first of :meth:`fair_order`); None when nothing waits."""
+        order = self.fair_order(now)
+        return order[0] if order else None
+
+    def claim_next(self) -> str | None:
+        """Claim the job :meth:`next_fair` names; None when nothing waits."""
+        while (job_id := self.next_fair()) is not None:
+            if self.claim(job_id):
+                return job_id
+        return None
 
     def set_progress(self, job_id: str, fraction: float, note: str | None = None) -> None:
         """Record how far a running job is, and optionally a one-line note (never a secret)."""

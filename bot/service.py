@@ -14,14 +14,22 @@ import yaml
 
 from bot import commands as cmd
 from bot.credentials import Credentials, UserCredential
-from bot.errors import BotError, DestinationError, JobNotFound, QuotaError, TooLargeError
+from bot.errors import (
+    BotError,
+    DestinationError,
+    JobNotFound,
+    PreflightError,
+    QuotaError,
+    TooLargeError,
+)
 from bot.hub import DiscussionComment, Hub
-from bot.jobs import ACTIVE, Job, JobQueue, JobSpec, JobStore, ReportTo, make_engine
+from bot.jobs import ACTIVE, Job, JobQueue, JobSpec, JobStore, ReportTo, is_guest, make_engine
 from bot.markdown import code_block, prose, quiet_mentions
+from bot.rights import ANONYMOUS, Rights
 from bot.settings import Settings
-from bot.webhooks import DiscussionEvent, Ignored, RepoUpdate, delivery_key, parse_event
+from bot.webhooks import DiscussionEvent, Ignored, RepoUpdate, compact, delivery_key, parse_event
 from bot.worker import Worker, _walk_models, hub_repo, preflight, queued_text
-from engine import MergeError, RecipeError
+from engine import MergeConfig, MergeError, RecipeError
 from engine.evolve.errors import SearchFileError
 
 log = logging.getLogger(__name__)
@@ -132,15 +140,19 @@ class Bot:
     # -- deliveries ---------------------------------------------------------------------
 
     def receive(self, payload: dict[str, Any]) -> bool:
-        """Record a delivery and queue its handling; False for a duplicate (nothing is done).
+        """Record a delivery (the fields the bot reads) and queue its handling; False for a duplicate.
 
         A delivery that cannot be a command (the bot's own comment, any comment edit) is dropped
         at once, unrecorded: the bot's status edits come back as deliveries and must cost nothing.
+
+        Raises:
+            bot.webhooks.WebhookRejected: not a Hub payload (nothing is recorded).
         """
         event = parse_event(payload, own_id=self.account_id or None)  # rejects what is not a Hub payload
         if isinstance(event, Ignored):
             log.debug("delivery ignored: %s", event.why)
             return True
+        payload = compact(payload)
         key = delivery_key(payload)
         if not self.store.remember(key, payload):
             return False
@@ -223,19 +235,33 @@ class Bot:
     def check_room(
         self, user: str, destination: str, *, owner: Hub | None = None, rename: str = "`--name`"
     ) -> None:
-        """Refuse a new job: the user has too many waiting, or its destination is taken.
+        """Refuse a new job: the user (or all guests together) has too many waiting, or its destination is taken.
 
         ``owner``: the Hub client of the destination's namespace (default: the bot's);
         ``rename``: what the user changes to pick another destination.
         """
         if self.store.active_count(user) >= self.settings.max_jobs_per_user:
             raise QuotaError(user, self.settings.max_jobs_per_user)
+        if is_guest(user) and self.store.active_guest_count() >= self.settings.max_guest_jobs:
+            raise QuotaError(user, self.settings.max_guest_jobs, guests=True)
         if self.destination_taken(destination, owner=owner):
             raise DestinationError(f"`{destination}` already exists; choose another {rename}.")
 
     def destination_taken(self, destination: str, *, owner: Hub | None = None) -> bool:
         """A job already waits or runs for it, or the repo exists (seen by ``owner``, default the bot)."""
         return bool(self.store.active_for(destination)) or (owner or self.hub).repo_exists(destination)
+
+    def check_slices(self, config: MergeConfig) -> None:
+        """Refuse a recipe that stacks more than ``max_slices`` slices.
+
+        Raises:
+            bot.errors.PreflightError: it does.
+        """
+        count = len(config.slices or [])
+        if count > self.settings.max_slices:
+            raise PreflightError(
+                f"The recipe stacks {count} slices; this bot merges at most {self.settings.max_slices}."
+            )
 
     def check_size(self, bytes_to_write: int) -> None:
         """Refuse a merge whose output is above ``MERGEBOT_MAX_MERGE_GB``.
@@ -250,14 +276,17 @@ class Bot:
     def _merge(self, command: cmd.Merge, user: str, report: ReportTo, source: str) -> Job:
         destination = f"{self.namespace}/{command.name}"
         self.check_room(user, destination)
-        pre = preflight(
+        pre = preflight(  # a discussion proves no rights: what an anonymous visitor could read
             self.hub,
             command.recipe,
             accept_license=command.accept_license,
             name=command.name,
             endpoint=self.settings.hf_endpoint,
             token=self.settings.hf_token.get_secret_value(),
+            rights=ANONYMOUS,
+            private=command.private,
         )
+        self.check_slices(pre.config)
         self.check_size(pre.bytes_to_write)
         spec = JobSpec(
             kind="merge",
@@ -292,7 +321,7 @@ class Bot:
         Raises:
             engine.MergeError, bot.errors.BotError: the request is refused; nothing was queued.
         """
-        from bot.evolve import preflight_search
+        from bot.evolve import SearchLimits, preflight_search
 
         destination = f"{signed_in.user if signed_in else self.namespace}/{name}"
         owner = self.hub.as_user(signed_in.token.get_secret_value()) if signed_in else None
@@ -304,7 +333,9 @@ class Bot:
             name=name,
             endpoint=self.settings.hf_endpoint,
             token=self.settings.hf_token.get_secret_value(),
-            max_trials=self.settings.max_evolve_trials,
+            limits=SearchLimits.of(self.settings),
+            rights=Rights(signed_in.token) if signed_in else ANONYMOUS,
+            private=private,
         )
         self.check_size(pre.bytes_to_write)
         spec = JobSpec(
@@ -328,6 +359,11 @@ class Bot:
             raise DestinationError(f"`{repo_id}` is not a merge I made, so I cannot re-merge it.")
         if self.store.active_for(repo_id):
             raise DestinationError(f"A job for `{repo_id}` is already waiting or running.")
+        if previous.spec.credential == "user":
+            raise DestinationError(
+                f"`{repo_id}` was published with its requester's own sign-in, which the bot does not keep; "
+                "its requester can merge it again from the Space."
+            )
         unpinned = yaml.safe_dump(
             _walk_models(yaml.safe_load(previous.spec.recipe_yaml), lambda ref: hub_repo(ref)[0]),
             sort_keys=False,
@@ -339,7 +375,10 @@ class Bot:
             name=repo_id.split("/")[-1],
             endpoint=self.settings.hf_endpoint,
             token=self.settings.hf_token.get_secret_value(),
+            rights=ANONYMOUS,  # the same rights as the first time: a parent gone private or gated is refused
+            private=previous.spec.private,
         )
+        self.check_slices(pre.config)
         self.check_size(pre.bytes_to_write)
         spec = previous.spec.model_copy(
             update={
@@ -435,7 +474,23 @@ class Bot:
                 started.append(self._remerge(previous.spec.destination, None, None, None))
             except (BotError, MergeError) as exc:
                 log.warning("re-merge of %s after %s moved: %s", previous.spec.destination, repo_id, exc)
+                if isinstance(exc, PreflightError):  # e.g. a parent gone private or gated
+                    self._note_refused(previous, repo_id, head_sha, exc)
         return started
+
+    def _note_refused(self, previous: Job, parent: str, head_sha: str | None, exc: PreflightError) -> None:
+        """Say once, in the result's discussion, why a parent's update was not re-merged."""
+        report = previous.spec.report
+        if report is None or not self.store.remember(f"refused:{previous.spec.destination}:{parent}:{head_sha}"):
+            return
+        text = (
+            f"⚠️ `{parent}` changed, but `{previous.spec.destination}` was not re-merged:\n\n{exc}\n\n"
+            "The published version stays as it was."
+        )
+        try:
+            self.hub.comment(report.repo_id, report.num, text)
+        except BotError as exc2:
+            log.warning("re-merge refusal for %s not reported: %s", previous.spec.destination, exc2)
 
     def poll(self) -> None:
         """Catch what webhooks missed (the Hub never redelivers): moved parents, and commands in

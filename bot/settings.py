@@ -9,7 +9,8 @@
     MERGEBOT_NAMESPACE the user or organisation where the bot publishes merges asked for in
                        discussions or without sign-in (default: the token's own user)
     MERGEBOT_DB_URL    optional SQLAlchemy URL for the job store (default: SQLite in MERGEBOT_DATA)
-    MERGEBOT_MAX_MERGE_GB  optional cap on the size of one merged model, in GB (default: none)
+    MERGEBOT_MAX_MERGE_GB  cap on the size of one merged model, in GB (default 20; 0 or `none`: no cap)
+    MERGEBOT_JOB_TIMEOUT_MINUTES  wall-clock limit of one job, in minutes (default 120; 0 or `none`: no limit)
 
 Everything else is built from a :class:`Settings` value, so tests construct one directly.
 """
@@ -17,6 +18,7 @@ Everything else is built from a :class:`Settings` value, so tests construct one 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # a Hub user or organisation name
 _NAMESPACE = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$"
+DEFAULT_MAX_MERGE_GB = 20
+DEFAULT_JOB_TIMEOUT_MINUTES = 120.0
 
 
 class SettingsError(BotError):
@@ -49,8 +53,16 @@ class Settings(BaseModel):
     db_url: SecretStr | None = None  # may hold a database password
     # per-user limit on jobs waiting or running
     max_jobs_per_user: int = Field(default=3, gt=0)
+    # jobs waiting or running for all of the Space's anonymous visitors together
+    max_guest_jobs: int = Field(default=6, gt=0)
     # largest merged model, in bytes, one request may produce (None: no cap)
-    max_merge_bytes: int | None = Field(default=None, gt=0)
+    max_merge_bytes: int | None = Field(default=DEFAULT_MAX_MERGE_GB * 1_000_000_000, gt=0)
+    # wall-clock minutes one job may run before it fails (None: no limit)
+    job_timeout_minutes: float | None = Field(default=DEFAULT_JOB_TIMEOUT_MINUTES, gt=0)
+    # most slices one passthrough (or other sliced) recipe may stack
+    max_slices: int = Field(default=16, gt=0)
+    # largest evaluation data file one `evolve` request may name, in bytes
+    max_evolve_data_bytes: int = Field(default=50_000_000, gt=0)
     # fewest seconds between two progress edits of the status comment (it moves at 25/50/75 %)
     progress_interval_s: float = Field(default=5.0, ge=0)
     # seconds between two polls of watched parents and unanswered discussions (0: no poll)
@@ -101,13 +113,12 @@ class Settings(BaseModel):
             "db_url": env.get("MERGEBOT_DB_URL") or None,
             "namespace": env.get("MERGEBOT_NAMESPACE") or None,
         }
-        if env.get("MERGEBOT_MAX_MERGE_GB"):
-            try:
-                values["max_merge_bytes"] = int(float(env["MERGEBOT_MAX_MERGE_GB"]) * 1e9)
-            except ValueError:
-                raise SettingsError(
-                    "Invalid bot settings: MERGEBOT_MAX_MERGE_GB must be a number of GB"
-                ) from None
+        given, gb = _limit(env, "MERGEBOT_MAX_MERGE_GB", "a number of GB")
+        if given:
+            values["max_merge_bytes"] = None if gb is None else int(gb * 1e9)
+        given, minutes = _limit(env, "MERGEBOT_JOB_TIMEOUT_MINUTES", "a number of minutes")
+        if given:
+            values["job_timeout_minutes"] = minutes
         values.update(overrides)
         try:
             return cls.model_validate(values)
@@ -198,3 +209,21 @@ def state_folder(environ: Mapping[str, str]) -> Path:
             source,
         )
     return folder
+def _limit(env: Mapping[str, str], name: str, what: str) -> tuple[bool, float | None]:
+    """A limit from the environment: (whether it is set, the number; None for `0`/`none`: no limit).
+
+    Raises:
+        SettingsError: the value is not a finite number.
+    """
+    text = (env.get(name) or "").strip()
+    if not text:
+        return False, None
+    if text.lower() == "none":
+        return True, None
+    try:
+        value = float(text)
+    except ValueError:
+        raise SettingsError(f"Invalid bot settings: {name} must be {what}, or 0 or `none` for no limit") from None
+    if not math.isfinite(value) or value < 0:
+        raise SettingsError(f"Invalid bot settings: {name} must be {what}, or 0 or `none` for no limit")
+    return True, (None if value == 0 else value)

@@ -1,4 +1,5 @@
-"""The webhook boundary: secret check, the Hub's v3 payload -> a typed event, and its de-duplication key.
+"""The webhook boundary: secret check, bounded body -> JSON, the Hub's v3 payload -> a typed event,
+and its de-duplication key.
 
 The Hub never redelivers a failed delivery on its own (only a manual replay does), and each
 webhook gets 1,000 deliveries a day; what a delivery misses, the bot's poll catches up on.
@@ -6,11 +7,14 @@ Every comment edit or hide is a delivery too (``discussion.comment`` / ``update`
 the bot's own comments, are recognised from the payload alone, with no Hub call.
 
 Pure functions; the HTTP route lives in :mod:`bot.app` and the handling in :mod:`bot.service`.
+A body is at most :data:`MAX_BODY_BYTES` and its JSON at most :data:`MAX_DEPTH` levels deep (the
+Hub's payloads are five); only the fields the bot reads are kept (:func:`compact`).
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +31,10 @@ class WebhookRejected(BotError):
         super().__init__(message)
 
 
+MAX_BODY_BYTES = 1 << 20
+MAX_DEPTH = 32
+
+
 def check_secret(received: str | None, expected: str) -> None:
     """Compare in constant time.
 
@@ -37,6 +45,53 @@ def check_secret(received: str | None, expected: str) -> None:
         raise WebhookRejected(401, "missing X-Webhook-Secret")
     if not hmac.compare_digest(received.encode(), expected.encode()):
         raise WebhookRejected(403, "wrong X-Webhook-Secret")
+
+
+def is_operator(authorization: str | None, secret: str) -> bool:
+    """Whether an ``Authorization: Bearer <secret>`` header holds the operator's secret (constant time)."""
+    if not authorization or not authorization.lower().startswith("bearer "):
+        return False
+    return hmac.compare_digest(authorization[7:].strip().encode(), secret.encode())
+
+
+def check_length(content_length: str | None) -> None:
+    """Refuse a body whose declared length is above the limit, before reading it.
+
+    Raises:
+        WebhookRejected: 413 when it is; 400 when the header is not a length.
+    """
+    if content_length is None:
+        return
+    try:
+        length = int(content_length)
+    except ValueError:
+        raise WebhookRejected(400, "Content-Length is not a number") from None
+    if length > MAX_BODY_BYTES:
+        raise WebhookRejected(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+
+
+def load_json(body: bytes) -> Any:
+    """The body's JSON, refused when malformed or nested deeper than :data:`MAX_DEPTH`.
+
+    Raises:
+        WebhookRejected: 413 when the body is too large, 400 when it is not JSON or too deep.
+    """
+    if len(body) > MAX_BODY_BYTES:
+        raise WebhookRejected(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):  # the decoder recurses once per level
+        raise WebhookRejected(400, "the body is not JSON") from None
+    level: list[tuple[Any, int]] = [(value, 1)]
+    while level:  # breadth-first, without recursion
+        item, depth = level.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > MAX_DEPTH:
+                    raise WebhookRejected(400, f"the JSON is nested deeper than {MAX_DEPTH} levels")
+                level.append((child, depth + 1))
+    return value
 
 
 class _Loose(BaseModel):
@@ -134,6 +189,18 @@ def parse_event(payload: Any, *, own_id: str | None = None) -> Event:
             return Ignored("main did not move (a PR or another branch did)")
         return RepoUpdate(p.repo.name, p.repo.headSha)
     return Ignored(f"{scope}/{action} is not handled")
+
+
+def compact(payload: Any) -> dict[str, Any]:
+    """Only the fields of a payload that the bot reads (what is recorded, not the whole body).
+
+    Raises:
+        WebhookRejected: 400 when the payload is not shaped like the Hub's.
+    """
+    try:
+        return _Payload.model_validate(payload).model_dump(exclude_none=True)
+    except ValidationError:
+        raise WebhookRejected(400, "not a Hub webhook payload (v3)") from None
 
 
 def delivery_key(payload: Any) -> str:

@@ -22,11 +22,20 @@ import yaml
 from bot.budget import PROGRESS_MILESTONES, CommentBudget
 from bot.cards import SearchHistory, build_context, render_card
 from bot.credentials import Credentials
-from bot.errors import BotError, HubError, JobCancelled, JobInterrupted, LicenseRefused, PreflightError
+from bot.errors import (
+    BotError,
+    HubError,
+    JobCancelled,
+    JobInterrupted,
+    JobTimedOut,
+    LicenseRefused,
+    PreflightError,
+)
 from bot.hub import Hub, Lineage, RepoFacts, is_repo_id, is_revision
 from bot.jobs import SIGN_IN_EXPIRED, Job, JobStore
 from bot.licenses import LicenseVerdict, ParentLicense, decide
 from bot.markdown import code_block, code_span, quiet_mentions
+from bot.rights import ANONYMOUS, Rights, check_rights
 from bot.settings import Settings
 from engine import (
     MergeConfig,
@@ -124,24 +133,41 @@ def pinned_recipe(config: MergeConfig, facts: Mapping[str, RepoFacts]) -> MergeC
 
 
 def preflight(
-    hub: Hub, recipe: str | MergeConfig, *, accept_license: bool, name: str, endpoint: str, token: str
+    hub: Hub,
+    recipe: str | MergeConfig,
+    *,
+    accept_license: bool,
+    name: str,
+    endpoint: str,
+    token: str,
+    rights: Rights = ANONYMOUS,
+    private: bool = False,
 ) -> Preflight:
-    """Validate a recipe against the Hub: parents exist and agree, licences allow the merge.
+    """Validate a recipe against the Hub: parents exist and agree, the requester may read them, licences allow the merge.
+
+    Args:
+        hub: the bot's Hub client.
+        token: the bot's token (tensors are read with it only when every input is public).
+        rights: the requester's (see :mod:`bot.rights`): facts are read, and judged, with them.
+        private: whether the result is to be private.
 
     Raises:
         engine.RecipeError: the recipe is invalid. PreflightError: a parent cannot be read or
-        the models disagree. LicenseRefused: the licences forbid the merge.
+        the models disagree. AccessRefused: the requester's rights do not allow it.
+        LicenseRefused: the licences forbid the merge.
     """
     config = recipe if isinstance(recipe, MergeConfig) else load_recipe(recipe)
+    reader = rights.reader(hub)
     facts: dict[str, RepoFacts] = {}
     for ref in config.referenced_models():
         repo_id, revision = hub_repo(ref)
-        f = hub.repo_facts(repo_id, revision)
+        f = reader.repo_facts(repo_id, revision)
         previous = facts.get(repo_id)
         if previous is not None and previous.sha != f.sha:
             raise PreflightError(f"`{repo_id}` is named at two different revisions; use one.")
         facts[repo_id] = f
     pinned = pinned_recipe(config, facts)
+    check_rights(facts.values(), rights, private=private)
     verdict = decide(
         [
             ParentLicense(f.repo_id, f.license, f.license_name, f.license_link, f.gated)
@@ -152,7 +178,7 @@ def preflight(
     )
     if not verdict.allowed:
         raise LicenseRefused(tuple(r for r in verdict.reasons))
-    options = MergeOptions(hub_endpoint=endpoint, hub_token=token, device="cpu")
+    options = MergeOptions(hub_endpoint=endpoint, hub_token=rights.read_token(token), device="cpu")
     try:
         with OpenModels(pinned, options) as opened:
             metadata = opened.metadata()
@@ -246,14 +272,21 @@ class Worker:
     """Runs jobs from the store, one call per job."""
 
     def __init__(
-        self, settings: Settings, hub: Hub, store: JobStore, credentials: Credentials | None = None
+        self,
+        settings: Settings,
+        hub: Hub,
+        store: JobStore,
+        credentials: Credentials | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.hub = hub
         self.store = store
         self.credentials = credentials if credentials is not None else Credentials()
         self.comments = CommentBudget()  # status-comment writes per job (see bot.budget)
+        self.clock = clock  # seconds, for the per-job time limit
         self._stopping = threading.Event()
+        self._deadline: float | None = None  # of the job running now (one at a time)
 
     def publisher(self, job: Job) -> Hub | None:
         """The Hub as whoever publishes ``job``: the bot, or the signed-in user (None: their token is gone)."""
@@ -264,20 +297,33 @@ class Worker:
             return None
         return self.hub.as_user(held.token.get_secret_value())
 
+    def rights(self, job: Job) -> Rights:
+        """Whose rights ``job`` reads its inputs with: its signed-in requester's token, else an anonymous visitor's."""
+        if job.spec.credential == "user":
+            held = self.credentials.get(job.id)
+            if held is not None and held.user == job.spec.requester:
+                return Rights(held.token)
+        return ANONYMOUS
+
     def stop(self) -> None:
         """Make a running merge stop at its next tensor; its job goes back to the queue."""
         self._stopping.set()
 
-    def run(self, job_id: str) -> None:
-        """Run ``job_id`` to the end if it is queued (else do nothing). Never raises."""
+    def run(self, turn: str) -> None:
+        """Take one turn of the executor: run the next queued job in fair order to its end. Never raises.
+
+        ``turn`` is the job whose scheduling gave this turn; the job run is the one
+        :meth:`bot.jobs.JobStore.next_fair` names, which may be another requester's.
+        """
+        job_id: str | None = turn
         try:
-            self._run_claimed(job_id)
+            job_id = self.store.claim_next()
+            if job_id is not None:
+                self._run_claimed(job_id)
         except Exception:  # the store itself failed: the job stays `running` and is re-queued on restart
             log.exception("job %s could not be run", job_id)
 
     def _run_claimed(self, job_id: str) -> None:
-        if not self.store.claim(job_id):
-            return
         self.refresh_positions()
         job = self.store.get(job_id)
         assert job is not None
@@ -287,6 +333,8 @@ class Worker:
             self.store.hold_for_sign_in(job.id)
             log.info("job %s waits for its requester to sign in again", job.id)
             return
+        minutes = self.settings.job_timeout_minutes
+        self._deadline = None if minutes is None else self.clock() + 60 * minutes
         # The comment is written before the state, so whoever sees a finished job also sees its report.
         try:
             commit = self._run(job, status, publisher)
@@ -335,12 +383,23 @@ class Worker:
                 )
 
     def checkpoint(self, job: Job) -> None:
-        """Raise if the bot is stopping or the job was cancelled (called between units of work)."""
+        """Raise if the bot is stopping, the job was cancelled or ran out of time (called between units of work)."""
         if self._stopping.is_set():
             raise JobInterrupted(job.id)
+        self.check_deadline(job)
         current = self.store.get(job.id)
         if current is not None and current.cancel_requested:
             raise JobCancelled(job.id)
+
+    def check_deadline(self, job: Job) -> None:
+        """Raise when the running job is past ``job_timeout_minutes``.
+
+        Raises:
+            bot.errors.JobTimedOut: it is (the job fails; nothing is published).
+        """
+        minutes = self.settings.job_timeout_minutes
+        if minutes is not None and self._deadline is not None and self.clock() > self._deadline:
+            raise JobTimedOut(job.id, minutes)
 
     def card(self, job: Job, pre: Preflight, lineage: Lineage, search: SearchHistory | None = None) -> bytes:
         """The model card of a job's result (a merge, or the best merge of a search)."""
@@ -373,7 +432,8 @@ class Worker:
 
             return run_evolve(self, job, status, publisher)
         status.show(f"⚙️ Job `{job.id}` is running: checking the parents…")
-        token = self.settings.hf_token.get_secret_value()
+        rights = self.rights(job)
+        token = rights.read_token(self.settings.hf_token.get_secret_value())
         name = spec.destination.split("/")[-1]
         pre = preflight(
             self.hub,
@@ -382,6 +442,8 @@ class Worker:
             name=name,
             endpoint=self.settings.hf_endpoint,
             token=token,
+            rights=rights,
+            private=spec.private,
         )
         lineage = self.hub.lineage(list(pre.facts), self.settings.lineage_depth)
         self.settings.work_dir.mkdir(parents=True, exist_ok=True)
@@ -390,6 +452,7 @@ class Worker:
         def progress(done: int, total: int, _: str) -> None:
             if self._stopping.is_set():
                 raise JobInterrupted(job.id)
+            self.check_deadline(job)
             now = time.monotonic()
             if now - last_check[0] >= 0.5 or done == total:
                 last_check[0] = now

@@ -15,6 +15,7 @@ import gradio as gr
 from fastapi import FastAPI
 
 from bot.app import create_app as create_bot_app
+from bot.jobs import new_guest
 from bot.service import Bot
 from engine import METHODS, RecipeError
 from space.compose import (
@@ -28,7 +29,7 @@ from space.compose import (
     yaml_to_form,
 )
 from space.evolve_tab import evolve_tab
-from space.service import GUEST, SpaceService
+from space.service import SpaceService
 from space.session import error_message, signed_in, user_name
 from space.views import (
     card_preview,
@@ -164,6 +165,7 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
             where + (", or to **your own namespace** with your own token when you sign in." if oauth else ".")
         )
         mine = gr.State([])  # ids of the jobs submitted from this page session (it may cancel them)
+        guest = gr.State(new_guest)  # this page session's identity when nobody signed in: one per load
         with gr.Tabs(selected="compose") as tabs:
             with gr.Tab("Compose", id="compose"):
                 with gr.Row():
@@ -302,9 +304,22 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
 
         recipe.blur(yaml_changed, [recipe], [method, base, table, settings, dtype, note])
 
-        def check(text: str, n: str, acc: bool, profile: gr.OAuthProfile | None) -> list[Any]:
-            user = user_name(profile)
-            report = service.check(text, name=(n or "").strip(), accept_license=acc, user=user)
+        def check(
+            text: str,
+            n: str,
+            priv: bool,
+            acc: bool,
+            profile: gr.OAuthProfile | None,
+            oauth_token: gr.OAuthToken | None,
+        ) -> list[Any]:
+            report = service.check(
+                text,
+                name=(n or "").strip(),
+                accept_license=acc,
+                user=user_name(profile),
+                signed_in=signed_in(profile, oauth_token),
+                private=priv,
+            )
             return [
                 gr.update(visible=True),
                 summary_markdown(report),
@@ -315,7 +330,7 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
             ]
 
         check_outputs = [report_box, summary, compat, licence, card, outcome]
-        check_btn.click(check, [recipe, name, accept], check_outputs)
+        check_btn.click(check, [recipe, name, private, accept], check_outputs)
 
         def submit(
             text: str,
@@ -323,12 +338,13 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
             priv: bool,
             acc: bool,
             session_jobs: list[str],
+            session_guest: str,
             profile: gr.OAuthProfile | None,
             oauth_token: gr.OAuthToken | None,
         ) -> list[Any]:
             n = (n or "").strip()
             user = signed_in(profile, oauth_token)
-            report = service.check(text, name=n, accept_license=acc, user=user.user if user else None)
+            report = service.check(text, name=n, accept_license=acc, signed_in=user, private=priv)
             shown = [
                 gr.update(visible=True),
                 summary_markdown(report),
@@ -345,7 +361,7 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
                     name=n,
                     private=priv,
                     accept_license=acc,
-                    requester=GUEST,
+                    requester=session_guest,
                     signed_in=user,
                 )
             except Exception as exc:
@@ -358,12 +374,15 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
                 job.id,
             ]
 
-        submit_btn.click(submit, [recipe, name, private, accept, mine], [*check_outputs, tabs, mine, job_box])
+        submit_btn.click(
+            submit, [recipe, name, private, accept, mine, guest], [*check_outputs, tabs, mine, job_box]
+        )
 
-        def refresh() -> str:
-            return queue_html(queue_rows(service.jobs(), service.hub_url, service.notes()))
+        def refresh(session_jobs: list[str], profile: gr.OAuthProfile | None) -> str:
+            listed = service.jobs(viewer=user_name(profile), session_jobs=session_jobs or [])
+            return queue_html(queue_rows(listed, service.hub_url, service.notes()))
 
-        wire_evolve(tabs, mine, job_box)
+        wire_evolve(tabs, mine, job_box, guest)
 
         def cancel(job_id: str, session_jobs: list[str], profile: gr.OAuthProfile | None) -> str:
             user = user_name(profile)
@@ -382,11 +401,11 @@ def build_ui(service: SpaceService, *, models: Sequence[str] = (), oauth: bool =
                 return f"**Not resumed:** {error_message(exc)}"
             return f"▶️ Job `{job.id}` is back in the queue."
 
-        cancel_btn.click(cancel, [job_box, mine], job_note).then(refresh, None, queue)
-        resume_btn.click(resume, [job_box], job_note).then(refresh, None, queue)
+        cancel_btn.click(cancel, [job_box, mine], job_note).then(refresh, [mine], queue)
+        resume_btn.click(resume, [job_box], job_note).then(refresh, [mine], queue)
 
-        timer.tick(refresh, None, queue, show_progress="hidden")
-        ui.load(refresh, None, queue)
+        timer.tick(refresh, [mine], queue, show_progress="hidden")
+        ui.load(refresh, [mine], queue)
     return ui
 
 

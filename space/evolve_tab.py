@@ -9,7 +9,7 @@ from typing import Any
 import gradio as gr
 
 from space.compose import example_search
-from space.service import GUEST, SpaceService
+from space.service import SpaceService
 from space.session import error_message, signed_in, user_name
 from space.views import search_check_markdown
 
@@ -19,7 +19,7 @@ best merge is published with a card that shows the search history. Models are Hu
 data is a file in a Hub repo, written `hf://datasets/org/name/path.jsonl` (a dataset) or
 `hf://org/name/path.txt` (a model repo). **Check** shows what is searched; **Submit** queues the search."""
 
-Wire = Callable[[gr.Tabs, gr.State, gr.Textbox], None]
+Wire = Callable[[gr.Tabs, gr.State, gr.Textbox, gr.State], None]
 
 # The tab's example is a quick try: a few trials (seconds on the demo's models) and one baseline.
 QUICK_TRY = {
@@ -40,8 +40,9 @@ def evolve_tab(service: SpaceService, base: str, others: Sequence[str]) -> Wire:
     """Lay the tab out inside the caller's ``gr.Tab``.
 
     Returns:
-        ``wire(tabs, mine, job_box)``, to call once the queue's widgets exist: a submitted search
-        switches to the queue tab, joins this page session's jobs and fills the job id box.
+        ``wire(tabs, mine, job_box, guest)``, to call once the queue's widgets exist: a submitted
+        search switches to the queue tab, joins this page session's jobs and fills the job id box;
+        ``guest`` holds the page session's guest identity (used when nobody signed in).
     """
     gr.Markdown(EVOLVE_HELP)
     with gr.Row():
@@ -66,9 +67,21 @@ def evolve_tab(service: SpaceService, base: str, others: Sequence[str]) -> Wire:
     outcome = gr.Markdown("", elem_id="mb-evolve-outcome")
     report = gr.Markdown("", elem_id="mb-evolve-report")
 
-    def check(text: str, n: str, acc: bool, profile: gr.OAuthProfile | None) -> list[str]:
+    def check(
+        text: str,
+        n: str,
+        priv: bool,
+        acc: bool,
+        profile: gr.OAuthProfile | None,
+        oauth_token: gr.OAuthToken | None,
+    ) -> list[str]:
         checked = service.check_search(
-            text, name=(n or "").strip(), accept_license=acc, user=user_name(profile)
+            text,
+            name=(n or "").strip(),
+            accept_license=acc,
+            user=user_name(profile),
+            signed_in=signed_in(profile, oauth_token),
+            private=priv,
         )
         return [search_check_markdown(checked), ""]
 
@@ -78,18 +91,19 @@ def evolve_tab(service: SpaceService, base: str, others: Sequence[str]) -> Wire:
         priv: bool,
         acc: bool,
         session_jobs: list[str],
+        guest: str,
         profile: gr.OAuthProfile | None,
         oauth_token: gr.OAuthToken | None,
     ) -> list[Any]:
         n = (n or "").strip()
         user = signed_in(profile, oauth_token)
-        checked = service.check_search(text, name=n, accept_license=acc, user=user.user if user else None)
+        checked = service.check_search(text, name=n, accept_license=acc, signed_in=user, private=priv)
         shown = search_check_markdown(checked)
         if not checked.ok:
             return [shown, "**Submit refused:** the check failed; fix what it lists below.", *[gr.skip()] * 3]
         try:
             job = service.submit_search(
-                text, name=n, private=priv, accept_license=acc, requester=GUEST, signed_in=user
+                text, name=n, private=priv, accept_license=acc, requester=guest, signed_in=user
             )
         except Exception as exc:
             return [shown, f"**Submit refused:** {error_message(exc)}", *[gr.skip()] * 3]
@@ -101,11 +115,11 @@ def evolve_tab(service: SpaceService, base: str, others: Sequence[str]) -> Wire:
             job.id,
         ]
 
-    check_btn.click(check, [search, name, accept], [report, outcome])
+    check_btn.click(check, [search, name, private, accept], [report, outcome])
 
-    def wire(tabs: gr.Tabs, mine: gr.State, job_box: gr.Textbox) -> None:
+    def wire(tabs: gr.Tabs, mine: gr.State, job_box: gr.Textbox, guest: gr.State) -> None:
         submit_btn.click(
-            submit, [search, name, private, accept, mine], [report, outcome, tabs, mine, job_box]
+            submit, [search, name, private, accept, mine, guest], [report, outcome, tabs, mine, job_box]
         )
 
     return wire

@@ -9,11 +9,14 @@ commands use.
 Signed in with Hugging Face, a user's merge goes to the user's namespace and is published with
 the user's own token, which the bot holds in memory only (:mod:`bot.credentials`); after a
 restart such a job waits in ``needs_sign_in`` until the same user signs in and resumes it.
-Without sign-in, merges go to the bot's (the Space's organisation's) namespace as before.
+Without sign-in, merges go to the bot's (the Space's organisation's) namespace, may use public,
+ungated repos only, and cannot be private (:mod:`bot.rights`); each page session is its own guest
+(``guest:<random>``, see :func:`bot.jobs.new_guest`), with its own quota and its own jobs to cancel.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Collection, Mapping
@@ -24,8 +27,9 @@ from bot.cards import build_context, render_card
 from bot.credentials import UserCredential
 from bot.errors import BotError, DestinationError, JobNotFound
 from bot.hub import Lineage, RepoFacts
-from bot.jobs import Job, JobSpec
+from bot.jobs import Job, JobSpec, is_guest, new_guest
 from bot.licenses import LicenseVerdict, ParentLicense, decide
+from bot.rights import ANONYMOUS, Rights, rights_problems
 from bot.service import Bot
 from bot.worker import READ_BYTES_PER_S, hub_repo, pinned_recipe, preflight
 from engine import MergeConfig, MergeError, MergeOptions, RecipeError, build_plan, load_recipe
@@ -38,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-GUEST = "space-guest"
+PRIVATE = "(private)"  # what the queue shows others of a private job's requester and destination
 
 
 @dataclass(frozen=True)
@@ -131,12 +135,29 @@ class SpaceService:
     # -- check ----------------------------------------------------------------------------
 
     def check(
-        self, recipe_yaml: str, *, name: str, accept_license: bool = False, user: str | None = None
+        self,
+        recipe_yaml: str,
+        *,
+        name: str,
+        accept_license: bool = False,
+        user: str | None = None,
+        signed_in: UserCredential | None = None,
+        private: bool = False,
     ) -> CheckReport:
-        """The preflight report for a recipe (``user``: signed in, publishing to their namespace).
+        """The preflight report for a recipe.
+
+        Args:
+            user: the signed-in user's name (the destination is in their namespace).
+            signed_in: their credential: the parents are read, and judged, with their token;
+                without it, as an anonymous visitor would see them.
+            private: whether the result is to be private.
 
         Never raises for anything a user can cause.
         """
+        if signed_in is not None:
+            user = signed_in.user
+        rights = Rights(signed_in.token) if signed_in is not None else ANONYMOUS
+        reader = rights.reader(self.bot.hub)
         try:
             config = load_recipe(recipe_yaml if recipe_yaml.endswith("\n") else recipe_yaml + "\n")
         except RecipeError as exc:
@@ -153,10 +174,11 @@ class SpaceService:
         for ref in config.referenced_models():
             try:
                 repo_id, revision = hub_repo(ref)
-                facts.setdefault(repo_id, self.bot.hub.repo_facts(repo_id, revision))
+                facts.setdefault(repo_id, reader.repo_facts(repo_id, revision))
             except BotError as exc:
                 problems.append(str(exc))
                 all_read = False
+        problems.extend(rights_problems(facts.values(), rights, private=private))
         verdict = decide(
             [
                 ParentLicense(f.repo_id, f.license, f.license_name, f.license_link, f.gated)
@@ -172,11 +194,12 @@ class SpaceService:
         if all_read:
             options = MergeOptions(
                 hub_endpoint=self.bot.settings.hf_endpoint,
-                hub_token=self.bot.settings.hf_token.get_secret_value(),
+                hub_token=rights.read_token(self.bot.settings.hf_token.get_secret_value()),
                 device="cpu",
             )
             pinned = pinned_recipe(config, facts)  # read from the Hub, never from the Space's disk
             try:
+                self.bot.check_slices(config)
                 with OpenModels(pinned, options) as opened:
                     metadata = opened.metadata()
                     audit = audit_models(pinned, metadata)
@@ -243,7 +266,8 @@ class SpaceService:
         """Queue the merge in the bot's queue, after the bot's own preflight.
 
         Args:
-            requester: who asked, when nobody signed in (default: the Space's guest).
+            requester: the page session's guest identity (:func:`bot.jobs.new_guest`), when nobody
+                signed in; anything else (or None) gets a fresh one.
             signed_in: the user signed in with Hugging Face: the merge goes to their namespace
                 and is published with their token, held in memory only.
 
@@ -262,7 +286,10 @@ class SpaceService:
             name=name,
             endpoint=self.bot.settings.hf_endpoint,
             token=self.bot.settings.hf_token.get_secret_value(),
+            rights=Rights(signed_in.token) if signed_in else ANONYMOUS,
+            private=private,
         )
+        self.bot.check_slices(pre.config)
         self.bot.check_size(pre.bytes_to_write)
         spec = JobSpec(
             kind="merge",
@@ -284,10 +311,24 @@ class SpaceService:
     # -- evolve ---------------------------------------------------------------------------
 
     def check_search(
-        self, search_yaml: str, *, name: str, accept_license: bool = False, user: str | None = None
+        self,
+        search_yaml: str,
+        *,
+        name: str,
+        accept_license: bool = False,
+        user: str | None = None,
+        signed_in: UserCredential | None = None,
+        private: bool = False,
     ) -> SearchCheck:
-        """Validate a search file and check its models and data on the Hub; never raises for user errors."""
-        from bot.evolve import check_search_file, preflight_search, searched_dimensions
+        """Validate a search file and check its models and data on the Hub; never raises for user errors.
+
+        ``user``, ``signed_in`` and ``private`` as for :meth:`check`.
+        """
+        from bot.evolve import SearchLimits, check_search_file, preflight_search, searched_dimensions
+
+        if signed_in is not None:
+            user = signed_in.user
+        limits = SearchLimits.of(self.bot.settings)
 
         problems: list[str] = []
         name_problem = _valid_name(name)
@@ -295,7 +336,7 @@ class SpaceService:
         if name_problem:
             problems.append(name_problem)
         try:
-            _, spec, data_ref = check_search_file(search_yaml, max_trials=self.bot.settings.max_evolve_trials)
+            _, spec, data_ref = check_search_file(search_yaml, limits=limits)
         except (BotError, MergeError) as exc:
             return SearchCheck(problems=(*problems, str(exc)), destination=destination)
         if destination and self.bot.destination_taken(destination):
@@ -308,7 +349,9 @@ class SpaceService:
                 name=name or "evolved",
                 endpoint=self.bot.settings.hf_endpoint,
                 token=self.bot.settings.hf_token.get_secret_value(),
-                max_trials=self.bot.settings.max_evolve_trials,
+                limits=limits,
+                rights=Rights(signed_in.token) if signed_in else ANONYMOUS,
+                private=private,
             )
         except (BotError, MergeError) as exc:
             problems.append(str(exc))
@@ -354,7 +397,7 @@ class SpaceService:
         if problem:
             raise DestinationError(problem)
         if signed_in is None:
-            return requester or GUEST
+            return requester if requester is not None and is_guest(requester) else new_guest()
         self._confirm(signed_in)
         return signed_in.user
 
@@ -362,7 +405,9 @@ class SpaceService:
 
     def may_cancel(self, job: Job, *, user: str | None, session_jobs: Collection[str] = ()) -> bool:
         """A job may be cancelled by its signed-in requester, or from the page session that submitted it."""
-        return (user is not None and job.spec.requester == user) or job.id in session_jobs
+        if user is not None and not is_guest(user) and job.spec.requester == user:
+            return True  # a Hub user name never holds ':', so no account can pass for a guest
+        return job.id in session_jobs
 
     def cancel(self, job_id: str, *, user: str | None, session_jobs: Collection[str] = ()) -> str:
         """Cancel a waiting job, or stop a running one (it publishes nothing); returns what to show.
@@ -402,10 +447,34 @@ class SpaceService:
 
     # -- queue ----------------------------------------------------------------------------
 
-    def jobs(self) -> list[tuple[Job, int | None]]:
-        """Every job, newest first, with its place in the queue (None once finished)."""
+    def jobs(
+        self, *, viewer: str | None = None, session_jobs: Collection[str] = ()
+    ) -> list[tuple[Job, int | None]]:
+        """Every job, newest first, with its place in the queue (None once finished).
+
+        A private job's requester, destination and recipe are shown only to that requester (signed in as
+        ``viewer``) or to the page session that submitted it (``session_jobs``); guests are shown
+        as ``guest``, never by their session's identity.
+        """
         jobs = self.bot.store.all()
-        return [(j, self.bot.store.queue_position(j.id)) for j in reversed(jobs)]
+        return [
+            (self._as_seen(j, viewer, session_jobs), self.bot.store.queue_position(j.id)) for j in reversed(jobs)
+        ]
+
+    def _as_seen(self, job: Job, viewer: str | None, session_jobs: Collection[str]) -> Job:
+        owner = job.id in session_jobs or (viewer is not None and not is_guest(viewer) and job.spec.requester == viewer)
+        if job.spec.private and not owner:
+            hidden: dict[str, object] = {
+                "requester": PRIVATE,
+                "destination": PRIVATE,
+                "recipe_yaml": "",
+                "parents": {},
+                "search_yaml": None,
+            }
+            return dataclasses.replace(job, spec=job.spec.model_copy(update=hidden))
+        if is_guest(job.spec.requester):
+            return dataclasses.replace(job, spec=job.spec.model_copy(update={"requester": "guest"}))
+        return job
 
     def notes(self) -> Mapping[str, str]:
         """Each running job's latest progress line (an evolve job's trial and best score)."""

@@ -185,7 +185,8 @@ def queue_rows(
             detail = job.reason or ""
         elif job.state == "running":
             detail = notes.get(job.id, "")
-        link = f"{hub_url.rstrip('/')}/{job.spec.destination}" if job.state == "succeeded" else None
+        shown = job.state == "succeeded" and "/" in job.spec.destination  # not a hidden private repo
+        link = f"{hub_url.rstrip('/')}/{job.spec.destination}" if shown else None
         rows.append(
             QueueRow(
                 job_id=job.id,

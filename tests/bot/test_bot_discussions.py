@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from botkit import BOT, RECIPE, BotFactory, World, card, finished_job, merge_command, upload_model, wait_for
+from botkit import (
+    ALICE_TOKEN,
+    BOT,
+    RECIPE,
+    BotFactory,
+    World,
+    card,
+    finished_job,
+    merge_command,
+    upload_model,
+    wait_for,
+)
 from huggingface_hub.community import DiscussionComment
 
 
@@ -158,17 +169,27 @@ def test_existing_destination_is_refused(world: World, serve_bot: BotFactory) ->
 
 
 def test_a_gated_parent_makes_the_result_gated(world: World, serve_bot: BotFactory) -> None:
-    parent = f"{BOT}/gated-parent"  # the bot can read gated repos of its own namespace on localhub
-    upload_model(world.bot_api, parent, world.family.finetunes[0], card("mit", "acme/base"))
-    world.bot_api.update_repo_settings(parent, gated="auto")
+    # A discussion cannot use a gated parent (see test_bot_rights); a signed-in Space user can,
+    # and the result keeps the gate.
+    from pydantic import SecretStr
+
+    from bot.credentials import UserCredential
+    from space.service import SpaceService
+
+    parent = "alice/gated-parent"  # localhub lets the owner's namespace read its gated repos
+    upload_model(world.alice, parent, world.family.finetunes[0], card("mit", "acme/base"))
+    world.alice.update_repo_settings(parent, gated="auto")
     server = serve_bot()
-    ask(world, merge_command("from-gated", RECIPE.replace("alice/ft-mit", parent), " --private"))
-    job = finished_job(server.bot, f"{BOT}/from-gated")
+    alice = UserCredential("alice", SecretStr(ALICE_TOKEN))
+    SpaceService(server.bot).submit(
+        RECIPE.replace("alice/ft-mit", parent), name="from-gated", private=True, signed_in=alice
+    )
+    job = finished_job(server.bot, "alice/from-gated")
     assert job.state == "succeeded", job.reason
-    info = world.bot_api.model_info(f"{BOT}/from-gated")
+    info = world.alice.model_info("alice/from-gated")
     assert info.gated == "auto" and info.private
-    assert not world.alice.repo_exists(f"{BOT}/from-gated")
-    text = Path(world.bot_api.hf_hub_download(f"{BOT}/from-gated", "README.md")).read_text(encoding="utf-8")
+    assert not world.bob.repo_exists("alice/from-gated")
+    text = Path(world.alice.hf_hub_download("alice/from-gated", "README.md")).read_text(encoding="utf-8")
     assert "A parent is gated, so the merge is gated too." in text
 
 

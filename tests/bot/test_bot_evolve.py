@@ -170,3 +170,44 @@ def test_a_search_stopped_by_a_restart_continues_its_study(
         world.alice.hf_hub_download(f"{BOT}/restarted-search", "README.md", local_dir=tmp_path)
     ).read_text()
     assert "4 search trials and 1 baseline," in readme and not work.exists()
+
+
+def test_every_number_of_a_search_is_bounded(world: World, serve_bot: BotFactory, eval_repo: str) -> None:
+    bot = serve_bot(run_jobs=False, webhook=False).bot
+    exact = search_file().replace("kind: perplexity", "kind: exact_match").replace(", block_size: 24", "")
+    cases = {
+        search_file().replace("search_size: 3", "search_size: 100000000"): "evaluation.search_size: this bot allows at most",
+        search_file().replace("report_size: 3", "report_size: 100000000"): "evaluation.report_size: this bot allows at most",
+        search_file(validation=", validation_size: 3, finalists: 100000"): "evaluation.finalists: this bot allows at most",
+        search_file(validation=", validation_size: 100000000"): "evaluation.validation_size: this bot allows at most",
+        search_file().replace("block_size: 24", "block_size: 100000000"): "evaluation.block_size: this bot allows at most",
+        search_file().replace("block_size: 24", "block_size: 24, batch_size: 100000"): "evaluation.batch_size: this bot allows at most",
+        exact.replace("report_size: 3", "report_size: 3, max_new_tokens: 1000000000"): "evaluation.max_new_tokens: this bot allows at most",
+        search_file().replace("trials: 2", "trials: 2, minutes: 100000"): "stops any job after 120 minutes",
+    }
+    for text, expected in cases.items():
+        with pytest.raises(MergeError) as err:
+            bot.evolve(text, name="unbounded", user="bob")
+        assert expected in str(err.value), (text, str(err.value))
+    assert bot.store.all() == []
+
+
+def test_search_data_is_read_with_the_requesters_rights_and_size_capped(
+    world: World, serve_bot: BotFactory, eval_repo: str
+) -> None:
+    if not world.bot_api.repo_exists(f"{BOT}/private-eval", repo_type="dataset"):
+        world.bot_api.create_repo(f"{BOT}/private-eval", repo_type="dataset", private=True)
+        world.bot_api.upload_file(
+            path_or_fileobj=b"some words to score\n" * 20,
+            path_in_repo="eval.txt",
+            repo_id=f"{BOT}/private-eval",
+            repo_type="dataset",
+        )
+    bot = serve_bot(run_jobs=False, webhook=False, max_evolve_data_bytes=1000).bot
+    with pytest.raises(BotError, match=f"`datasets/{BOT}/private-eval` is not public"):
+        bot.evolve(search_file(data=f"hf://datasets/{BOT}/private-eval/eval.txt"), name="peek", user="bob")
+    with pytest.raises(BotError, match=r"above this bot's limit of 1\.0 kB"):  # eval.txt is a few kB
+        bot.evolve(search_file(), name="too-much-data", user="bob")
+    with pytest.raises(BotError, match="A private result must go to your own namespace"):
+        bot.evolve(search_file(data=f"hf://datasets/{BOT}/private-eval/eval.txt"), name="p", user="bob", private=True)
+    assert bot.store.all() == []

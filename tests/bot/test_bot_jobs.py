@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from botkit import BOT, BotFactory, World, finished_job, merge_command, wait_for
 
-from bot.jobs import JobQueue, JobSpec, JobStore, ReportTo, make_engine
+from bot.jobs import JobQueue, JobSpec, JobStore, ReportTo, make_engine, new_guest
 
 
 def spec(user: str = "alice", dest: str = "bot/x") -> JobSpec:
@@ -174,3 +174,51 @@ def test_the_cli_needs_its_environment(capsys: pytest.CaptureFixture[str]) -> No
     assert "HF_TOKEN" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--help"])
+
+
+def test_turns_are_fair_between_requesters(tmp_path: Path) -> None:
+    store = JobStore(make_engine(f"sqlite:///{tmp_path / 'j.sqlite'}"))
+    guest_x, guest_y = new_guest(), new_guest()
+    order = ["alice", "alice", "alice", "bob", guest_x, guest_y, "carol"]
+    ids = {store.add(spec(user, f"bot/{i}")).id: user for i, user in enumerate(order)}
+    expected = ["alice", "bob", guest_x, "carol", "alice", guest_y, "alice"]
+    # each job's place in the queue says where it will run
+    places = {store.queue_position(job_id): user for job_id, user in ids.items()}
+    assert [places[p] for p in range(1, len(order) + 1)] == expected
+    ran = []
+    while (job_id := store.claim_next()) is not None:
+        ran.append(ids[job_id])
+        store.finish(job_id, "succeeded", commit="c")
+    # alice's queue does not hold bob and carol back; the guests share one turn between them
+    assert ran == expected
+
+
+def test_turns_forget_starts_older_than_the_window(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from bot.jobs import FAIR_WINDOW
+
+    store = JobStore(make_engine(f"sqlite:///{tmp_path / 'j.sqlite'}"))
+    first = store.add(spec("alice", "bot/a1"))
+    again = store.add(spec("alice", "bot/a2"))
+    bob = store.add(spec("bob", "bot/b1"))
+    assert store.claim_next() == first.id
+    assert store.next_fair() == bob.id
+    assert store.next_fair(datetime.now(UTC) + FAIR_WINDOW * 2) == again.id  # alice's start has aged out
+
+
+def test_settings_bound_work_by_default() -> None:
+    from bot.settings import Settings, SettingsError
+
+    env = {"HF_TOKEN": "t", "WEBHOOK_SECRET": "s", "MERGEBOT_DATA": "/tmp/x"}
+    default = Settings.from_env(env)
+    assert default.max_merge_bytes == 20 * 10**9 and default.job_timeout_minutes == 120
+    for off in ("0", "none", "None"):
+        unbounded = Settings.from_env({**env, "MERGEBOT_MAX_MERGE_GB": off, "MERGEBOT_JOB_TIMEOUT_MINUTES": off})
+        assert unbounded.max_merge_bytes is None and unbounded.job_timeout_minutes is None
+    chosen = Settings.from_env({**env, "MERGEBOT_MAX_MERGE_GB": "1.5", "MERGEBOT_JOB_TIMEOUT_MINUTES": "30"})
+    assert chosen.max_merge_bytes == 1_500_000_000 and chosen.job_timeout_minutes == 30
+    for name in ("MERGEBOT_MAX_MERGE_GB", "MERGEBOT_JOB_TIMEOUT_MINUTES"):
+        for bad in ("lots", "nan", "-1", "inf"):
+            with pytest.raises(SettingsError, match=name):
+                Settings.from_env({**env, name: bad})

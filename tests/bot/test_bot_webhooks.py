@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+
 import httpx
-from botkit import BOT, RECIPE, WEBHOOK_SECRET, BotFactory, World, discussion_payload, merge_command, wait_for
+import sqlalchemy as sa
+from botkit import (
+    ALICE_TOKEN,
+    BOT,
+    RECIPE,
+    WEBHOOK_SECRET,
+    BotFactory,
+    World,
+    discussion_payload,
+    merge_command,
+    wait_for,
+)
 
 from bot.webhooks import (
+    MAX_BODY_BYTES,
+    MAX_DEPTH,
     DiscussionEvent,
     Ignored,
     RepoUpdate,
@@ -91,3 +107,60 @@ def test_duplicate_deliveries_make_one_job(world: World, serve_bot: BotFactory) 
     assert [(j["destination"], j["state"], j["requester"]) for j in queue] == [
         (f"{BOT}/dup-merge", "queued", "alice")
     ]
+
+
+def test_large_deep_or_malformed_bodies_are_refused_at_once(serve_bot: BotFactory) -> None:
+    server = serve_bot(webhook=False, run_jobs=False)
+    auth = {"X-Webhook-Secret": WEBHOOK_SECRET}
+    payload = discussion_payload(f"{BOT}/requests", 1, "d-padded")
+    payload["repo"]["type"] = "dataset"  # recorded, then ignored: nothing is handled while the bot stops
+    with httpx.Client(timeout=10) as client:
+        huge = json.dumps({**payload, "padding": "x" * (MAX_BODY_BYTES + 1)}).encode()
+        assert client.post(server.url, content=huge, headers=auth).status_code == 413  # by Content-Length
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: refused while reading
+            yield b'{"padding": "'
+            for _ in range(40):
+                yield b"x" * 65536
+            yield b'"}'
+
+        assert client.post(server.url, content=chunks(), headers=auth).status_code == 413
+        assert client.post(server.url, content=b"[" * 200_000, headers=auth).status_code == 400
+        deep: object = payload
+        for _ in range(MAX_DEPTH):
+            deep = {"more": deep}
+        answer = client.post(server.url, json=deep, headers=auth)
+        assert answer.status_code == 400 and "nested" in answer.json()["error"]
+        assert client.post(server.url, content=b'{"event": ', headers=auth).status_code == 400
+        # below the limit, a payload is accepted, but only the fields the bot reads are kept
+        padded = {**payload, "padding": "y" * 500_000}
+        assert client.post(server.url, json=padded, headers=auth).status_code == 202
+    with server.bot.store.engine.connect() as conn:
+        stored = [r.payload for r in conn.execute(sa.text("SELECT payload FROM mergebot_seen"))]
+    assert len(stored) == 1 and "yyyy" not in stored[0] and f"{BOT}/requests" in stored[0]
+
+
+def test_jobs_shows_private_jobs_only_to_the_operator(world: World, serve_bot: BotFactory) -> None:
+    from pydantic import SecretStr
+
+    from bot.credentials import UserCredential
+    from bot.jobs import new_guest
+    from space.service import SpaceService
+
+    server = serve_bot(webhook=False, run_jobs=False)
+    service = SpaceService(server.bot)
+    secret = service.submit(
+        RECIPE, name="hidden-one", private=True, signed_in=UserCredential("alice", SecretStr(ALICE_TOKEN))
+    )
+    guest = service.submit(RECIPE, name="open-one", requester=new_guest())
+    url = server.url.replace("/webhooks/mergebot", "/jobs")
+    with httpx.Client(timeout=10) as client:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": WEBHOOK_SECRET}):
+            seen = {j["id"]: j for j in client.get(url, headers=headers).json()}
+            assert seen[secret.id]["requester"] is None and seen[secret.id]["destination"] is None
+            assert seen[secret.id]["private"] and "alice" not in json.dumps(seen)
+            assert seen[guest.id]["requester"] == "guest" and seen[guest.id]["destination"] == f"{BOT}/open-one"
+        operator = client.get(url, headers={"Authorization": f"Bearer {WEBHOOK_SECRET}"}).json()
+    shown = {j["id"]: j for j in operator}
+    assert shown[secret.id]["requester"] == "alice" and shown[secret.id]["destination"] == "alice/hidden-one"
+    assert shown[guest.id]["requester"] == guest.spec.requester

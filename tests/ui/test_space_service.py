@@ -14,11 +14,12 @@ import httpx
 import pytest
 
 from bot.errors import BotError
+from bot.jobs import new_guest
 from engine import MergeError
 from mergebot.demo import DemoStack, demo_stack
 from mergebot.demo_models import DEMO_FAMILY
 from space.compose import form_to_yaml
-from space.service import GUEST, SpaceService
+from space.service import SpaceService
 
 pytestmark = [pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
 
@@ -123,8 +124,9 @@ def test_a_merge_above_the_bots_size_limit_is_refused_by_check_and_submit(
 
 
 def test_submit_enters_the_bots_queue_and_publishes(service: SpaceService, stack: DemoStack) -> None:
-    job = service.submit(recipe("demo-lab/tiny-math", "demo-lab/tiny-chat"), name="nc-merge", requester="ana")
-    assert job.spec.requester == "ana" and job.spec.report is None
+    guest = new_guest()
+    job = service.submit(recipe("demo-lab/tiny-math", "demo-lab/tiny-chat"), name="nc-merge", requester=guest)
+    assert job.spec.requester == guest and job.spec.report is None
     assert all("@" in ref for ref in job.spec.parents.values()) or job.spec.parents
     deadline = time.monotonic() + 60
     while (current := service.bot.store.get(job.id)) is not None and current.state in ("queued", "running"):
@@ -135,7 +137,7 @@ def test_submit_enters_the_bots_queue_and_publishes(service: SpaceService, stack
     assert "license: cc-by-nc-4.0" in card
     assert any(j.id == job.id for j, _ in service.jobs())
     with pytest.raises(BotError, match="already exists"):
-        service.submit(recipe("demo-lab/tiny-math"), name="nc-merge", requester=GUEST)
+        service.submit(recipe("demo-lab/tiny-math"), name="nc-merge", requester=new_guest())
 
 
 def test_read_form_turns_the_widgets_into_yaml() -> None:

@@ -22,9 +22,9 @@ from pydantic import SecretStr
 
 from bot.credentials import UserCredential
 from bot.errors import BotError, JobNotFound
-from bot.jobs import Job
+from bot.jobs import Job, new_guest
 from mergebot.demo import DEMO_USER, demo_stack
-from space.service import GUEST, SpaceService
+from space.service import SpaceService
 from space.views import queue_html, queue_rows
 
 pytestmark = [pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")]
@@ -102,8 +102,10 @@ def test_cancel_from_the_page_only_for_the_submitter(tmp_path: Path) -> None:
     with demo_stack(tmp_path, progress_interval_s=0.05) as stack:
         service = SpaceService(stack.bot)
         stack.bot.queue.stop(wait=True)
-        guest = service.submit(RECIPE, name="guest-job", requester=GUEST)
-        ana = service.submit(RECIPE, name="ana-job", requester="ana")
+        guest = service.submit(RECIPE, name="guest-job", requester=new_guest())
+        token = (tmp_path / "secrets" / "user-token").read_text().strip()
+        # signed in: a requester named without sign-in would be a guest (see test_bot_rights)
+        ana = service.submit(RECIPE, name="ana-job", signed_in=UserCredential(DEMO_USER, SecretStr(token)))
         with pytest.raises(JobNotFound):  # another visitor's page session
             service.cancel(guest.id, user=None, session_jobs=[ana.id])
         with pytest.raises(JobNotFound):
@@ -113,7 +115,7 @@ def test_cancel_from_the_page_only_for_the_submitter(tmp_path: Path) -> None:
         assert "already cancelled" in service.cancel(guest.id, user=None, session_jobs=[guest.id])
 
         assert stack.bot.store.claim(ana.id)  # as if the worker had started it
-        assert "stopping" in service.cancel(ana.id, user="ana")  # signed in as its requester
+        assert "stopping" in service.cancel(ana.id, user=DEMO_USER)  # signed in as its requester
         assert stack.bot.store.get(ana.id).cancel_requested  # type: ignore[union-attr]
         rows = queue_rows(service.jobs(), service.hub_url)
         assert [r.state for r in rows] == ["running", "cancelled"]
