@@ -451,6 +451,36 @@ def run_registered(queue_key: str, job_id: str) -> None:
     runner(job_id)
 
 
+class _RunningCount:
+    """How many calls wrapped by :meth:`tracked` are running, and a wait for none to be."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+        self._inside = threading.local()
+
+    def tracked(self, fn: Callable[..., None]) -> Callable[..., None]:
+        def run(*args: Any) -> None:
+            with self._idle:
+                self._count += 1
+            self._inside.depth = getattr(self._inside, "depth", 0) + 1
+            try:
+                fn(*args)
+            finally:
+                self._inside.depth -= 1
+                with self._idle:
+                    self._count -= 1
+                    self._idle.notify_all()
+
+        return run
+
+    def wait_idle(self) -> None:
+        """Wait until no tracked call runs but the caller's own (a call may stop its own queue)."""
+        own = getattr(self._inside, "depth", 0)
+        with self._idle:
+            self._idle.wait_for(lambda: self._count <= own)
+
+
 class JobQueue:
     """APScheduler around the store: merges one at a time, light work (events, polls) beside them."""
 
@@ -459,6 +489,7 @@ class JobQueue:
         self._key = hashlib.sha256(url.encode()).hexdigest()[:16]
         self._runner = runner
         self._run_jobs = True
+        self._running = _RunningCount()
         self.scheduler = BackgroundScheduler(
             jobstores={"default": SQLAlchemyJobStore(engine=store.engine), "memory": MemoryJobStore()},
             executors={
@@ -477,7 +508,7 @@ class JobQueue:
         requeued = self.store.requeue_running()
         if requeued:
             log.info("re-queued %d job(s) left running by a previous process", len(requeued))
-        _RUNNERS[self._key] = self._runner
+        _RUNNERS[self._key] = self._running.tracked(self._runner)
         self._run_jobs = run_jobs
         self.scheduler.start()
         for job in self.store.all(states=("queued",)):
@@ -504,11 +535,11 @@ class JobQueue:
 
     def submit_light(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)`` soon on the light executor (not persisted)."""
-        self.scheduler.add_job(fn, args=args, jobstore="memory", executor="light")
+        self.scheduler.add_job(self._running.tracked(fn), args=args, jobstore="memory", executor="light")
 
     def every(self, seconds: float, fn: Callable[[], None], name: str) -> None:
         self.scheduler.add_job(
-            fn,
+            self._running.tracked(fn),
             "interval",
             seconds=seconds,
             jobstore="memory",
@@ -528,6 +559,15 @@ class JobQueue:
             job.resume()
 
     def stop(self, wait: bool = True) -> None:
+        """Stop scheduling; with ``wait``, return once the work already running has finished.
+
+        The scheduler is shut down without waiting, then the running work is awaited outside
+        it: APScheduler waits for its executors while holding the lock that ``add_job`` takes,
+        so work that schedules more (a delivery queueing a merge) would deadlock a waiting
+        shutdown. Work scheduled once stopping has begun is dropped.
+        """
         _RUNNERS.pop(self._key, None)
         if self.scheduler.running:
-            self.scheduler.shutdown(wait=wait)
+            self.scheduler.shutdown(wait=False)
+        if wait:
+            self._running.wait_idle()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,25 @@ def test_settings_bound_work_by_default() -> None:
         for bad in ("lots", "nan", "-1", "inf"):
             with pytest.raises(SettingsError, match=name):
                 Settings.from_env({**env, name: bad})
+
+
+def test_stopping_while_a_delivery_schedules_a_merge_does_not_deadlock(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'j.sqlite'}"
+    store = JobStore(make_engine(url))
+    queue = JobQueue(store, url, lambda job_id: None)
+    queue.start(run_jobs=False)
+    handling, release = threading.Event(), threading.Event()
+
+    def delivery() -> None:  # a webhook handler that queues a merge once stopping has begun
+        handling.set()
+        release.wait(60)
+        queue.schedule(store.add(spec()).id)
+
+    queue.submit_light(delivery)
+    assert handling.wait(60)
+    stopper = threading.Thread(target=queue.stop, daemon=True)
+    stopper.start()
+    wait_for(lambda: not queue.scheduler.running, 60, "the scheduler stopping")
+    release.set()
+    stopper.join(60)
+    assert not stopper.is_alive(), "stop() deadlocked with the handler it was waiting for"
