@@ -113,7 +113,6 @@ def test_large_deep_or_malformed_bodies_are_refused_at_once(serve_bot: BotFactor
     server = serve_bot(webhook=False, run_jobs=False)
     auth = {"X-Webhook-Secret": WEBHOOK_SECRET}
     payload = discussion_payload(f"{BOT}/requests", 1, "d-padded")
-    payload["repo"]["type"] = "dataset"  # recorded, then ignored: nothing is handled while the bot stops
     with httpx.Client(timeout=10) as client:
         huge = json.dumps({**payload, "padding": "x" * (MAX_BODY_BYTES + 1)}).encode()
         assert client.post(server.url, content=huge, headers=auth).status_code == 413  # by Content-Length
