@@ -11,7 +11,10 @@ Frobenius norm)::
 
 ``lora_alpha`` equals each module's rank, so PEFT's scale ``alpha / r`` is 1. An input
 embedding follows PEFT's embedding convention: the update is ``(B @ A).T``, so ``D.T`` is
-factored into ``lora_embedding_A`` [r, vocab] and ``lora_embedding_B`` [dim, r].
+factored into ``lora_embedding_A`` [r, vocab] and ``lora_embedding_B`` [dim, r]. A tied output
+head the checkpoint does not store gets the same factors transposed, with ``ensure_weight_tying``,
+as PEFT saves them (PEFT 0.21.2 then runs the adapter right, but its ``merge_and_unload`` adds
+the tied update twice; the engine's ``base+adapter`` reader adds it once).
 
 Which tensors go where:
 
