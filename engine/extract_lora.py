@@ -411,7 +411,7 @@ def extract_lora(
                 json.dump(config, f, indent=2)
                 f.write("\n")
             with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
-                f.write(model_card(base, model, options, extracted))
+                f.write(model_card(base, model, extracted))
             _publish(staging, out, options.overwrite)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -518,7 +518,8 @@ def _adapter_config(
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if causal else None,
-        "base_model_name_or_path": base,
+        "base_model_name_or_path": _base_id(base)[0],
+        "revision": _base_id(base)[1],
         "r": options.rank,
         "lora_alpha": options.rank,
         "rank_pattern": different,
@@ -540,10 +541,15 @@ def _adapter_config(
     return config
 
 
-def model_card(base: str, model: str, options: ExtractOptions, extracted: Sequence[ExtractedModule]) -> str:
-    """README.md of an extracted adapter: Hub metadata naming its base, and how it was made."""
+def _base_id(base: str) -> tuple[str, str | None]:
+    """(name, revision) of the base as PEFT and the Hub write it: a repo id without ``@revision``."""
     hub = parse_hub_reference(base) if not os.path.isdir(base) else None
-    base_id = hub[0] if hub is not None else base
+    return hub if hub is not None else (base, None)
+
+
+def model_card(base: str, model: str, extracted: Sequence[ExtractedModule]) -> str:
+    """README.md of an extracted adapter: Hub metadata naming its base, and how it was made."""
+    base_id, _ = _base_id(base)
     ranks = sorted({m.rank for m in extracted})
     shown_ranks = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
     errors = [m.relative_error for m in extracted]

@@ -339,3 +339,27 @@ def test_ours_is_no_worse_than_mergekit_extract_lora(
         err_ours = float((delta - mine[name]).norm())
         parity_report("extract-lora rank-4 error mergebot/mergekit", name, err_ours / err_mk)
         assert err_ours <= err_mk + 1e-5 * float(delta.norm()), f"{name}: {err_ours} > mergekit's {err_mk}"
+
+
+def test_from_hub_repos_equals_from_folders(llama_family: Family, tmp_path: Path) -> None:
+    """Hub repos (served by localhub) are read through the engine's Hub source, tensor by tensor."""
+    from huggingface_hub import HfApi
+
+    from localhub.testing import run_localhub
+
+    token = "hf_alice_secret_token"
+    with run_localhub(tmp_path / "hub") as hub:
+        hub.add_user("alice", token)
+        api = HfApi(endpoint=hub.endpoint, token=token)
+        for name, path in (("base", llama_family.base), ("ft0", llama_family.finetunes[0])):
+            api.create_repo(f"alice/{name}", private=True)
+            api.upload_folder(repo_id=f"alice/{name}", folder_path=str(path))
+        options = ExtractOptions(rank=3, device="cpu", hub_endpoint=hub.endpoint, hub_token=token)
+        extract_lora("alice/base@main", "alice/ft0", tmp_path / "from-hub", options)
+    extract_lora(str(llama_family.base), str(llama_family.finetunes[0]), tmp_path / "from-disk", options)
+    weights = "adapter_model.safetensors"
+    assert (tmp_path / "from-hub" / weights).read_bytes() == (tmp_path / "from-disk" / weights).read_bytes()
+    card = (tmp_path / "from-hub" / "README.md").read_text()
+    assert 'base_model: "alice/base"\n' in card  # the repo id, without the revision
+    config = json.loads((tmp_path / "from-hub" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "alice/base" and config["revision"] == "main"
