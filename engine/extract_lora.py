@@ -29,7 +29,8 @@ Which tensors go where:
 
 Tensors are read one module at a time through the engine's sources (local folders, Hub
 repos, ``base+adapter``), and each module's factors go to a spill file on disk as they are
-made, so memory holds a few tensors of one module at a time. The output folder is built
+made: peak memory is about ten float32 copies of the largest weight (both inputs, the delta,
+``U``/``S``/``Vh``, LAPACK's workspace, the factors), whatever the size of the model or the adapter. The output folder is built
 beside the destination and renamed into place only when complete.
 """
 
@@ -309,7 +310,12 @@ def low_rank_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
         ``(B, A, S)``: B [out, r] and A [r, in] with ``B @ A`` the truncated SVD of ``delta``
         (each side carries ``sqrt(S)``), and S every singular value, largest first.
     """
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # u: [out, k], s: [k], vh: [k, in]
+    if delta.shape[0] < delta.shape[1]:
+        # LAPACK factors a row-major matrix as its transpose: a wide one costs several times a tall one
+        v, s, uh = torch.linalg.svd(delta.T, full_matrices=False)  # v: [in, k], uh: [k, out]
+        u, vh = uh.T, v.T
+    else:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # u: [out, k], s: [k], vh: [k, in]
     root = s[:rank].sqrt()
     b = u[:, :rank] * root  # [out, r]
     a = root[:, None] * vh[:rank]  # [r, in]
