@@ -310,10 +310,12 @@ def test_bad_input_gets_one_message_and_writes_nothing(
             extract_lora(base, model, out, ExtractOptions(rank=4, device="cpu"))
 
 
+@pytest.mark.parametrize("fixture", ["llama_family_f32", "llama_family"])
 def test_ours_is_no_worse_than_mergekit_extract_lora(
-    llama_family_f32: Family, tmp_path: Path, parity_report: Any
+    request: pytest.FixtureRequest, tmp_path: Path, parity_report: Any, fixture: str
 ) -> None:
-    family = llama_family_f32  # float32: mergekit stores its factors in the model's dtype
+    """mergekit stores its factors in the model's dtype (bfloat16 rounds them), ours in float32."""
+    family: Family = request.getfixturevalue(fixture)
     theirs = tmp_path / "mergekit"
     command = [sys.executable, "-m", "mergekit.scripts.extract_lora", "--model", str(family.finetunes[0])]
     command += [
@@ -337,7 +339,7 @@ def test_ours_is_no_worse_than_mergekit_extract_lora(
         delta = finetune[name].double() - base[name].double()
         err_mk = float((delta - update).norm())
         err_ours = float((delta - mine[name]).norm())
-        parity_report("extract-lora rank-4 error mergebot/mergekit", name, err_ours / err_mk)
+        parity_report(f"extract-lora rank-4 error mergebot/mergekit ({fixture})", name, err_ours / err_mk)
         assert err_ours <= err_mk + 1e-5 * float(delta.norm()), f"{name}: {err_ours} > mergekit's {err_mk}"
 
 
