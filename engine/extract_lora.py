@@ -24,7 +24,8 @@ Which tensors go where:
   its delta is exactly zero, or ``include``/``exclude`` regular expressions leave it out;
   with ``embed_lora=False`` the embeddings are saved whole instead, as mergekit does by default;
 - 1-D tensors (norms, biases) and tensors of 3 or more dimensions are never decomposed:
-  those the fine-tune changed are listed in the notes; name their module in
+  those the fine-tune changed (and changed weights that ``include``/``exclude`` leave out)
+  are listed in the notes; name their module in
   ``modules_to_save`` to carry them whole.
 
 Tensors are read one module at a time through the engine's sources (local folders, Hub
@@ -271,6 +272,8 @@ def _plan(tensors: Mapping[str, TensorInfo], config: Mapping[str, Any], options:
             if chosen:
                 kind: Literal["linear", "embedding"] = "embedding" if name in embeddings else "linear"
                 targets.append(_Target(name, module, kind, min(_rank_for(module, options), *shape)))
+            else:
+                watched.append(name)  # left out by include/exclude: noted if it differs
         else:
             watched.append(name)
     targets_modules = {t.module for t in targets}
@@ -500,8 +503,9 @@ def _stream(
     if changed:
         shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
         notes.append(
-            f"{len(changed)} tensor(s) that a LoRA cannot hold differ and are left at the base's "
-            f"values ({shown}); name their modules in --modules-to-save to keep them"
+            f"{len(changed)} tensor(s) differ but have no LoRA (1-D, or left out by include/exclude), "
+            f"so the adapter leaves them at the base's values ({shown}); name their modules in "
+            "--modules-to-save to keep them"
         )
     return extracted, notes
 

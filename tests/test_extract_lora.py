@@ -128,7 +128,7 @@ def test_full_rank_reconstructs_the_finetune(llama_family: Family, tmp_path: Pat
             torch.testing.assert_close(merged[name], tensor.float(), rtol=1e-5, atol=1e-6, msg=name)
         else:  # norms: not a LoRA's to change; the note says so
             assert torch.equal(merged[name], base[name].float())
-    assert any("left at the base's values" in note and "norm" in note for note in result.notes)
+    assert any("at the base's values" in note and "norm" in note for note in result.notes)
 
 
 def test_tied_embeddings_follow_peft_weight_tying(llama_family_f32: Family, tmp_path: Path) -> None:
@@ -255,6 +255,7 @@ def odd_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("out not empty", OutputError, r"exists and is not empty"),
         ("module to save", MergeError, r"--modules-to-save: 'vision_tower' names no module"),
         ("rank pattern", MergeError, r"--rank-per-module: 'qproj' matches no module"),
+        ("same model", IncompatibleModelsError, r"has no weight that differs .* nothing to extract"),
     ],
 )
 def test_bad_input_gets_one_message_and_writes_nothing(
@@ -284,6 +285,8 @@ def test_bad_input_gets_one_message_and_writes_nothing(
         flags += ["--modules-to-save", "vision_tower"]
     elif case == "rank pattern":
         flags += ["--rank-per-module", "qproj=2"]
+    elif case == "same model":
+        model = base
     before = sorted(os.listdir(tmp_path))
     argv = [
         "extract-lora",
@@ -365,3 +368,15 @@ def test_from_hub_repos_equals_from_folders(llama_family: Family, tmp_path: Path
     assert 'base_model: "alice/base"\n' in card  # the repo id, without the revision
     config = json.loads((tmp_path / "from-hub" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "alice/base" and config["revision"] == "main"
+
+
+def test_weights_left_out_by_exclude_are_noted(llama_family: Family, tmp_path: Path) -> None:
+    options = ExtractOptions(rank=2, exclude=(r"mlp\.",), include=(r"layers\.[01]\.",), device="cpu")
+    result = extract_lora(str(llama_family.base), str(llama_family.finetunes[0]), tmp_path / "a", options)
+    modules = {m.module for m in result.modules}
+    assert modules == {
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    }
+    (note,) = [n for n in result.notes if "at the base's values" in n]
+    # every MLP weight, the attention of layers 2-3, the norms, the embedding and the head
+    assert note.startswith(f"{4 * 3 + 2 * 4 + (4 * 2 + 1) + 2} tensor(s) ")
