@@ -57,6 +57,16 @@ from engine.sources import ModelSource, TensorInfo, open_model
 from engine.sources.hub import parse_hub_reference
 from engine.sources.safetensors_file import TORCH_TO_CODE
 
+__all__ = [
+    "ExtractOptions",
+    "ExtractResult",
+    "ExtractedModule",
+    "extract_lora",
+    "low_rank_factors",
+    "model_card",
+    "parse_rank_per_module",
+]
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]
@@ -581,14 +591,3 @@ def model_card(base: str, model: str, extracted: Sequence[ExtractedModule]) -> s
         f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base_id!r}), 'this-adapter')\n"
         "```\n"
     )
-
-
-__all__ = [
-    "ExtractOptions",
-    "ExtractResult",
-    "ExtractedModule",
-    "extract_lora",
-    "low_rank_factors",
-    "model_card",
-    "parse_rank_per_module",
-]
