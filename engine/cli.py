@@ -1,4 +1,4 @@
-"""`mergebot merge` and `mergebot check`: the engine's command line.
+"""`mergebot merge`, `mergebot check` and `mergebot extract-lora`: the engine's command line.
 
 Errors a user can fix are printed as one line (or a short list) and exit with status 1;
 usage errors exit with 2. A traceback means a bug in mergebot.
@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from engine.errors import MergeError
 
@@ -97,7 +98,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="audit a recipe's models", description="Audit compatibility.")
     _common(check)
+    _extract_lora_parser(commands)
     return parser
+
+
+def _extract_lora_parser(commands: Any) -> None:
+    extract = commands.add_parser(
+        "extract-lora",
+        help="extract a PEFT LoRA adapter from a fine-tune and its base",
+        description="Write a PEFT LoRA adapter to OUT: the truncated SVD of each weight's "
+        "difference between --model and --base.",
+    )
+    extract.add_argument("out_path", nargs="?", help="adapter folder (created; written atomically)")
+    extract.add_argument("--out-path", dest="out_path_flag", help=argparse.SUPPRESS)  # mergekit's spelling
+    extract.add_argument("--base", "--base-model", dest="base", required=True, help="the base model")
+    extract.add_argument("--model", required=True, help="the fine-tune")
+    extract.add_argument(
+        "--rank", "--max-rank", dest="rank", type=int, required=True, help="LoRA rank of every module"
+    )
+    extract.add_argument(
+        "--rank-per-module",
+        metavar="PATTERN=RANK,...",
+        help="ranks for modules whose path ends with PATTERN, e.g. q_proj=8,v_proj=16",
+    )
+    extract.add_argument(
+        "--modules-to-save",
+        "--save-module",
+        dest="modules_to_save",
+        action="append",
+        default=[],
+        metavar="NAME[,NAME]",
+        help="modules saved whole from the fine-tune (PEFT's modules_to_save), e.g. lm_head or norm",
+    )
+    embed = extract.add_mutually_exclusive_group()
+    embed.add_argument(
+        "--embed-lora",
+        dest="embed_lora",
+        action="store_true",
+        default=True,
+        help="embeddings get a LoRA (lora_embedding_A/B; default)",
+    )
+    embed.add_argument(
+        "--no-embed-lora", dest="embed_lora", action="store_false", help="save embeddings whole instead"
+    )
+    extract.add_argument(
+        "--include-regex", "-i", dest="include", action="append", default=[], help="only tensors matching"
+    )
+    extract.add_argument(
+        "--exclude-regex", "-e", dest="exclude", action="append", default=[], help="skip tensors matching"
+    )
+    extract.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="of the factors"
+    )
+    extract.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    extract.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds files")
+    extract.add_argument(
+        "--allow-pickle", action="store_true", help="accept models that only have pickled .bin weights"
+    )
+    extract.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    extract.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
 
 
 def return_freed_memory_promptly() -> None:
@@ -134,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "merge":
             return _merge(args)
+        if args.command == "extract-lora":
+            return _extract_lora(args)
         return _check(args)
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -274,3 +335,47 @@ def _check(args: argparse.Namespace) -> int:
     if audit.plan_error:
         print(f"error: {audit.plan_error}", file=sys.stderr)
     return EXIT_ERROR
+
+
+def _extract_lora(args: argparse.Namespace) -> int:
+    from engine.extract_lora import ExtractOptions, extract_lora, parse_rank_per_module
+
+    out = args.out_path or args.out_path_flag
+    if not out or (args.out_path and args.out_path_flag):
+        raise MergeError("give the adapter's folder once: `mergebot extract-lora ... OUT`")
+    options = ExtractOptions(
+        rank=args.rank,
+        rank_per_module=parse_rank_per_module(args.rank_per_module) if args.rank_per_module else {},
+        modules_to_save=tuple(n for item in args.modules_to_save for n in item.split(",") if n.strip()),
+        embed_lora=args.embed_lora,
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+    )
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="tensor", disable=args.no_progress, desc="extracting", dynamic_ncols=True)
+
+    def progress(done: int, total: int, message: str) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.set_postfix_str(message[-48:], refresh=False)
+        bar.update(done - bar.n)
+
+    try:
+        result = extract_lora(args.base, args.model, out, options, progress=progress)
+    finally:
+        bar.close()
+    errors = [m.relative_error for m in result.modules]
+    worst = max(errors, default=0.0)
+    print(
+        f"extracted {len(result.modules)} LoRA modules and {len(result.saved)} whole tensors "
+        f"({_human(result.bytes_written)}) into {result.out_path}; relative error mean "
+        f"{sum(errors) / max(len(errors), 1):.3g}, worst {worst:.3g}"
+    )
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0

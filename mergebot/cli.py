@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("engine.cli", "merge models from a mergekit YAML recipe into a folder"),
     "check": ("engine.cli", "audit a recipe's models for compatibility, reading no weights"),
+    "extract-lora": ("engine.cli", "extract a PEFT LoRA adapter from a fine-tune and its base"),
     "demo": ("mergebot.demo", "start localhub with demo models, the bot and the Space, offline"),
     "bot": ("bot.cli", "run the merge bot: webhook listener, job queue and worker"),
     "space": ("space.cli", "deploy the Space: export its repo, or push it to the Hub"),
@@ -24,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-ENGINE_COMMANDS = frozenset({"merge", "check"})
+ENGINE_COMMANDS = frozenset({"merge", "check", "extract-lora"})
 
 
 def _prepare_process(command: str) -> None:
@@ -48,7 +49,7 @@ def _imported() -> None:
 
 def _usage() -> str:
     lines = ["usage: mergebot <command> [options]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `mergebot <command> --help` for a command's options."]
     return "\n".join(lines)
 

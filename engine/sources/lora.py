@@ -13,7 +13,9 @@ and ``lora_embedding_B`` [dim, r], so the update is ``(B @ A).T``). ``scale`` is
 from ``rank_pattern`` / ``alpha_pattern`` when a pattern matches the module (PEFT's rule:
 the pattern, a regular expression, matches the end of the module path after a dot).
 Full tensors in the adapter (``modules_to_save``, and the embedding PEFT saves with an
-embedding LoRA) replace the base's tensor, as PEFT's ``merge_and_unload`` does.
+embedding LoRA) replace the base's tensor, as PEFT's ``merge_and_unload`` does. With
+``ensure_weight_tying``, PEFT also saves the tied output head's LoRA (or whole copy) beside the
+embedding's; a base that stores no head reads it from the embedding, so those entries are skipped.
 
 Refused, with a message: other PEFT types, DoRA, LoRA on parameters (``target_parameters``),
 trainable token indices, convolution LoRA, and adapters whose weights are only pickled
@@ -31,6 +33,7 @@ from typing import Any
 
 import torch
 
+from engine.architecture import TIED_HEADS
 from engine.errors import IncompatibleModelsError, ModelNotFoundError
 from engine.sources.base import ModelSource, TensorInfo
 
@@ -92,6 +95,7 @@ class LoraModel:
         self._updates: dict[str, LoraUpdate] = {}
         self._replaced: dict[str, str] = {}  # base tensor name -> adapter tensor name
         self._parse(adapter_tensors, settings)
+        self._skip_tied_heads()
         self._tensors = dict(self._base_tensors)
         for target, key in self._replaced.items():
             self._tensors[target] = adapter_tensors[key]
@@ -180,6 +184,13 @@ class LoraModel:
                 transpose=embedding or bool(settings.get("fan_in_fan_out")),
                 bias=biases.get(module),
             )
+
+    def _skip_tied_heads(self) -> None:
+        """A head the base ties to its embedding (stores no tensor for) follows the embedding's update."""
+        for head, embeddings in TIED_HEADS.items():
+            if head not in self._base_tensors and any(e in self._base_tensors for e in embeddings):
+                self._updates.pop(head, None)
+                self._replaced.pop(head, None)
 
     def _check_shapes(self, adapter_tensors: Mapping[str, TensorInfo]) -> None:
         for update in self._updates.values():
