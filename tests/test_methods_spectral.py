@@ -287,3 +287,28 @@ def test_recipe_merges_every_tensor_by_the_reference(
         torch.testing.assert_close(tensor.to(F64), expected, rtol=1e-5, atol=2e-6, msg=name)
         decomposed += tensor.dim() == 2 and not has_vocabulary_axis(name)
     assert decomposed >= 7 * 2  # q, k, v, o, gate, up, down in each of the layers
+
+
+# ---- fusion-bench, the papers' reference code, when it is installed ----------------------------
+
+
+def test_equals_fusion_bench_when_installed() -> None:
+    """The engine against fusion-bench's implementations (not a project dependency: skipped without it)."""
+    pytest.importorskip("fusion_bench")
+    from fusion_bench.method.isotropic_merging.iso_utils import iso_c as fb_iso_c
+    from fusion_bench.method.isotropic_merging.iso_utils import iso_cts as fb_iso_cts
+    from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    for shape in SHAPES:
+        base, models = random_family(shape, 3, seed=11)
+        tvs = [{name: m - base, "model.norm.weight": (m - base)[0]} for m in models]
+        fb = {
+            "tsv": compute_and_sum_svd_mem_reduction(tvs, accelerator="cpu"),
+            "iso_c": fb_iso_c(tvs, accelerator="cpu"),
+            "iso_cts": fb_iso_cts(tvs, common_space_fraction=0.8, accelerator="cpu"),
+        }
+        for method, merged in fb.items():
+            torch.testing.assert_close(merge(method, base, models, name=name), base + merged[name])
+            norm = merge(method, base[0], [m[0] for m in models], name="model.norm.weight")
+            torch.testing.assert_close(norm, base[0] + merged["model.norm.weight"])
