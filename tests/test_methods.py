@@ -76,7 +76,7 @@ def test_registry_names_match_mergekit() -> None:
     }
 
 
-BEYOND_MERGEKIT = {"tsv", "iso_c", "iso_cts"}  # engine/methods/spectral.py
+BEYOND_MERGEKIT = {"tsv", "iso_c", "iso_cts", "wudi"}  # engine/methods/spectral.py
 
 
 def test_unknown_method_suggests_the_closest() -> None:

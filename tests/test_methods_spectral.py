@@ -73,6 +73,25 @@ def ref_iso_cts(deltas: Sequence[torch.Tensor], fraction: float, alpha: float) -
     return alpha * sigma * polar(torch.cat(us, dim=1)) @ polar(torch.cat(vs, dim=1)).T
 
 
+def ref_wudi(deltas: Sequence[torch.Tensor], steps: int, lr: float) -> torch.Tensor:
+    """WUDI, from the paper's loss: Adam (torch.optim, autograd) on Σ_i ||(t - d_i) d_iᵀ||² / ||d_i||², t0 = Σ_i d_i."""
+    tvs = torch.stack(list(deltas))  # [T, m, n]
+    norms2 = tvs.flatten(1).norm(dim=1) ** 2  # [T]
+    t = torch.nn.Parameter(tvs.sum(0).clone())
+    optimizer = torch.optim.Adam([t], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = (((t.unsqueeze(0) - tvs) @ tvs.transpose(1, 2)) ** 2 / norms2[:, None, None]).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return t.detach()
+
+
+def wudi_loss(t: torch.Tensor, deltas: Sequence[torch.Tensor]) -> float:
+    return sum(float(torch.linalg.matrix_norm((t - d) @ d.T) ** 2 / d.norm() ** 2) for d in deltas)
+
+
 def ref_merge(
     method: str, name: str, base: torch.Tensor, models: Sequence[torch.Tensor], params: Mapping[str, float]
 ) -> torch.Tensor:
@@ -80,8 +99,12 @@ def ref_merge(
     deltas = [m.to(F64) - base.to(F64) for m in models]
     alpha = params.get("alpha", 1.0)
     base64 = base.to(F64)
+    if method == "wudi":
+        alpha = 1.0  # WUDI has no alpha
     if base.dim() != 2 or has_vocabulary_axis(name):
         return base64 + alpha * torch.stack(deltas).mean(0)
+    if method == "wudi":
+        return base64 + ref_wudi(deltas, int(params.get("steps", 300)), params.get("lr", 1e-5))
     if method == "tsv":
         return base64 + ref_tsv(deltas, alpha)
     if method == "iso_c":
@@ -164,6 +187,32 @@ def test_weights_scale_each_task_vector_before_the_merge() -> None:
         assert not torch.allclose(weighted, merge(method, base, models))
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [2, 3])
+def test_wudi_equals_adam_on_the_paper_loss(shape: tuple[int, int], n: int) -> None:
+    base, models = random_family(shape, n, seed=n + 20)
+    deltas = [m - base for m in models]
+    out = merge("wudi", base, models, {"steps": 40, "lr": 1e-3})
+    torch.testing.assert_close(out, base + ref_wudi(deltas, 40, 1e-3), rtol=1e-9, atol=1e-9)
+    assert wudi_loss(out - base, deltas) < 0.9 * wudi_loss(sum(deltas), deltas)  # the steps lowered it
+
+
+def test_wudi_starts_at_the_sum_and_one_model_is_a_fixed_point() -> None:
+    base, models = random_family((9, 7), 3, seed=9)
+    torch.testing.assert_close(
+        merge("wudi", base, models, {"steps": 0}), base + sum(m - base for m in models)
+    )
+    one = merge("wudi", base, models[:1], {"steps": 25, "lr": 1e-2})
+    torch.testing.assert_close(one, models[0])  # loss and gradient are zero at t = d_1
+
+
+def test_wudi_leaves_a_zero_task_vector_out_of_the_loss() -> None:
+    base, models = random_family((6, 10), 2, seed=10)
+    with_zero = merge("wudi", base, [*models, base.clone()], {"steps": 30, "lr": 1e-3})
+    torch.testing.assert_close(with_zero, merge("wudi", base, models, {"steps": 30, "lr": 1e-3}))
+    assert torch.isfinite(with_zero).all()
+
+
 # ---- invariants -----------------------------------------------------------------------------
 
 
@@ -213,7 +262,7 @@ def test_common_space_split(r: int, count: int, fraction: float, expected: tuple
     assert common_dims(r, count, fraction) == expected
 
 
-@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "wudi"])
 @pytest.mark.parametrize(
     ("name", "shape"),
     [
@@ -227,8 +276,9 @@ def test_tensors_not_decomposed_take_the_mean_task_vector(
     method: str, name: str, shape: tuple[int, ...]
 ) -> None:
     base, models = random_family(shape, 3, seed=5)
-    out = merge(method, base, models, {"alpha": 0.9}, name=name)
-    expected = base + 0.9 * torch.stack([m - base for m in models]).mean(0)
+    alpha = 1.0 if method == "wudi" else 0.9  # WUDI has no alpha
+    out = merge(method, base, models, {"alpha": alpha} if method != "wudi" else {}, name=name)
+    expected = base + alpha * torch.stack([m - base for m in models]).mean(0)
     torch.testing.assert_close(out, expected)
 
 
@@ -263,6 +313,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
         ("tsv", {"alpha": 0.8}),
         ("iso_c", {"alpha": 1.2}),
         ("iso_cts", {"alpha": 1.5, "common_space_fraction": 0.5}),
+        ("wudi", {"steps": 20, "lr": 1e-3}),
     ],
 )
 def test_recipe_merges_every_tensor_by_the_reference(
@@ -298,6 +349,7 @@ def test_equals_fusion_bench_when_installed() -> None:
     from fusion_bench.method.isotropic_merging.iso_utils import iso_c as fb_iso_c
     from fusion_bench.method.isotropic_merging.iso_utils import iso_cts as fb_iso_cts
     from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
+    from fusion_bench.method.wudi.wudi import wudi_merging
 
     name = "model.layers.0.mlp.up_proj.weight"
     for shape in SHAPES:
@@ -308,7 +360,10 @@ def test_equals_fusion_bench_when_installed() -> None:
             "iso_c": fb_iso_c(tvs, accelerator="cpu"),
             "iso_cts": fb_iso_cts(tvs, common_space_fraction=0.8, accelerator="cpu"),
         }
+        with torch.enable_grad():  # fusion-bench's WUDI has a fixed learning rate of 1e-5
+            fb["wudi"] = {k: v.detach() for k, v in wudi_merging(tvs, accelerator="cpu", iter_num=30).items()}
         for method, merged in fb.items():
-            torch.testing.assert_close(merge(method, base, models, name=name), base + merged[name])
+            params = {"steps": 30} if method == "wudi" else None
+            torch.testing.assert_close(merge(method, base, models, params, name=name), base + merged[name])
             norm = merge(method, base[0], [m[0] for m in models], name="model.norm.weight")
             torch.testing.assert_close(norm, base[0] + merged["model.norm.weight"])

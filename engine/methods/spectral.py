@@ -1,7 +1,7 @@
-"""Spectral task-vector merges: TSV-M, ISO-C and ISO-CTS, one weight matrix at a time.
+"""Task-vector merges that work on whole weight matrices: TSV-M, ISO-C, ISO-CTS and WUDI.
 
 With task vectors ``d_i = w_i * (model_i - base)`` (``w_i``: the model's ``weight``), each
-2-D weight matrix (``[m, n]``, ``r = min(m, n)``) is merged through SVDs:
+2-D weight matrix (``[m, n]``, ``r = min(m, n)``) is merged as a matrix:
 
 - **TSV-M** (Gargiulo et al., CVPR 2025, https://arxiv.org/abs/2412.00081): each ``d_i`` is
   truncated to its top ``k = r // T`` singular triplets (``T`` task vectors); the stacked
@@ -15,20 +15,33 @@ With task vectors ``d_i = w_i * (model_i - base)`` (``w_i``: the model's ``weigh
   split evenly between the tasks; each task adds the top ``(r - c) / T`` singular triplets of
   its ``d_i`` projected off the common subspace; the stacked bases are orthogonalised as in
   TSV-M, and every singular value is set to the mean of the stacked ones, times ``alpha``.
+  Where rounding would ask for more than ``r`` directions (a ``common_space_fraction`` near
+  0 with few directions) each task gets ``r // T`` (the paper's code slices out of range).
+- **WUDI** (Cheng et al., ICML 2025, https://arxiv.org/abs/2503.08099): the merged task
+  vector ``t`` minimises ``Σ_i ||(t - d_i) d_iᵀ||² / ||d_i||²`` (Frobenius norms), found by
+  ``steps`` steps of Adam (learning rate ``lr``, betas 0.9 and 0.999, eps 1e-8, no weight
+  decay) from ``t = Σ_i d_i``; the gradient is taken in closed form,
+  ``2 Σ_i (t - d_i) d_iᵀ d_i / ||d_i||²``, so the result needs no autograd and is the same on
+  every run. A task vector that is all zeros adds nothing to the loss and is left out of it
+  (the paper's code divides by its zero norm). There is no ``alpha``: ``t`` is added as is.
 
-Every other tensor takes the mean of the task vectors times ``alpha``, as in the papers' code
-(fusion-bench): 1-D tensors (norms, biases), tensors of more than two dimensions, and also
+Every other tensor takes the mean of the task vectors times ``alpha`` (WUDI: the mean), as
+in the papers' code (fusion-bench): 1-D tensors (norms, biases), tensors of more than two dimensions, and also
 the matrices indexed by token (input embeddings, output heads), since an SVD of a
 vocabulary-sized matrix is costly and these matrices are not what the papers decompose. A
 TSV-M matrix with fewer singular values than task vectors (``k = 0``) takes that rule too.
 
-SVDs run in the compute dtype (float32, or float64 when asked for); each task vector is
-truncated before the next is formed, so the working set is about one tensor's inputs. There
-is no randomness: the same inputs give the same bytes.
+SVDs and WUDI's steps run in the compute dtype (float32, or float64 when asked for). The
+SVD methods truncate each task vector before the next is formed, so their working set is
+about one tensor's inputs; WUDI keeps, for an ``[m, n]`` matrix, either ``Σ_i d_iᵀ d_i /
+||d_i||²`` ``[n, n]`` when ``n <= m`` or the task vectors themselves, and costs ``steps``
+products of ``[m, n]`` by ``[n, n]`` (or ``2 T`` of ``[m, n]`` by ``[n, m]``) per matrix.
+There is no randomness: the same inputs give the same bytes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -139,6 +152,56 @@ def iso_cts_delta(
     return (u_orth * (torch.cat(ss).mean() * alpha)) @ vh_orth
 
 
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def wudi_delta(deltas: Iterable[torch.Tensor], steps: int, lr: float) -> torch.Tensor:
+    """WUDI's merged task vector of ``[m, n]`` task vectors: Adam on the interference loss."""
+    total: torch.Tensor | None = None
+    gram: torch.Tensor | None = None  # Σ_i d_iᵀ d_i / ||d_i||²  [n, n]
+    target: torch.Tensor | None = None  # Σ_i d_i d_iᵀ d_i / ||d_i||²  [m, n]
+    kept: list[tuple[torch.Tensor, float]] = []
+    for delta in deltas:
+        total = delta.clone() if total is None else total.add_(delta)
+        norm2 = float(torch.linalg.vector_norm(delta)) ** 2
+        if norm2 == 0.0:
+            continue  # its loss term is zero whatever t is
+        m, n = delta.shape
+        if n <= m:
+            g = (delta.T @ delta).div_(norm2)  # [n, n]
+            gram = g if gram is None else gram.add_(g)
+            dg = delta @ g  # [m, n]
+            target = dg if target is None else target.add_(dg)
+        else:
+            kept.append((delta, norm2))
+    if total is None:
+        raise ValueError("no task vectors to merge")
+
+    def gradient(t: torch.Tensor) -> torch.Tensor:
+        if gram is not None and target is not None:
+            return (t @ gram).sub_(target).mul_(2.0)
+        grad = torch.zeros_like(t)
+        for d, norm2 in kept:
+            grad.add_(((t - d) @ d.T) @ d, alpha=2.0 / norm2)  # [m, m] @ [m, n]
+        return grad
+
+    t = total
+    if gram is None and not kept:
+        return t  # every task vector is zero: so is their sum
+    beta1, beta2 = ADAM_BETAS
+    exp_avg = torch.zeros_like(t)
+    exp_avg_sq = torch.zeros_like(t)
+    for step in range(1, steps + 1):
+        grad = gradient(t)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias2_sqrt = math.sqrt(1 - beta2**step)
+        denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(ADAM_EPS)
+        t.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+    return t
+
+
 def tsv(call: MergeCall) -> torch.Tensor:
     alpha = float(call.params["alpha"])
     merged = None
@@ -162,6 +225,14 @@ def iso_cts(call: MergeCall) -> torch.Tensor:
         return mean_rule(_task_vectors(call), alpha).add_(call.base)
     fraction = float(call.params["common_space_fraction"])
     return iso_cts_delta(lambda: _task_vectors(call), fraction, alpha).add_(call.base)
+
+
+def wudi(call: MergeCall) -> torch.Tensor:
+    if not _decomposed(call):
+        return mean_rule(_task_vectors(call), 1.0).add_(call.base)
+    return wudi_delta(_task_vectors(call), int(call.params["steps"]), float(call.params["lr"])).add_(
+        call.base
+    )
 
 
 WEIGHT = ParamSpec("weight", "float", Scope.NON_BASE, 1.0, "scale of this model's task vector before merging")
@@ -208,6 +279,19 @@ SPECS = (
             ),
         ),
         merge=iso_cts,
+        needs_base=True,
+        min_non_base=1,
+    ),
+    MethodSpec(
+        name="wudi",
+        pretty_name="WUDI merging (data-free interference minimisation)",
+        reference="https://arxiv.org/abs/2503.08099",
+        params=(
+            WEIGHT,
+            ParamSpec("steps", "int", Scope.SHARED, 300, "Adam steps per weight matrix", minimum=0),
+            ParamSpec("lr", "float", Scope.SHARED, 1e-5, "Adam learning rate", minimum=0.0),
+        ),
+        merge=wudi,
         needs_base=True,
         min_non_base=1,
     ),
