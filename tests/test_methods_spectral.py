@@ -307,6 +307,9 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+WEIGHTS = (0.5, 1.0, 1.5)
+
+
 @pytest.mark.parametrize(
     ("method", "params"),
     [
@@ -323,7 +326,10 @@ def test_recipe_merges_every_tensor_by_the_reference(
     settings = ", ".join(f"{k}: {v}" for k, v in params.items())
     recipe = (
         f"merge_method: {method}\nbase_model: {family.base}\nparameters: {{{settings}}}\nmodels:\n"
-        + "".join(f"  - model: {ft}\n" for ft in family.finetunes)
+        + "".join(
+            f"  - model: {ft}\n    parameters: {{weight: {w}}}\n"
+            for ft, w in zip(family.finetunes, WEIGHTS, strict=True)
+        )
     )
     run_merge(load_recipe(recipe), tmp_path / "out")
     merged = _tensors(tmp_path / "out")
@@ -334,8 +340,12 @@ def test_recipe_merges_every_tensor_by_the_reference(
     for name, tensor in merged.items():
         assert tensor.shape == base[name].shape and tensor.dtype == torch.float32
         assert torch.isfinite(tensor).all()
-        expected = ref_merge(method, name, base[name], [ft[name] for ft in finetunes], params)
-        torch.testing.assert_close(tensor.to(F64), expected, rtol=1e-5, atol=2e-6, msg=name)
+        scaled = [
+            base[name].to(F64) + w * (ft[name].to(F64) - base[name])
+            for ft, w in zip(finetunes, WEIGHTS, strict=True)
+        ]
+        expected = ref_merge(method, name, base[name], scaled, params)
+        torch.testing.assert_close(tensor.to(F64), expected, rtol=1e-5, atol=1e-5)  # float32 SVDs
         decomposed += tensor.dim() == 2 and not has_vocabulary_axis(name)
     assert decomposed >= 7 * 2  # q, k, v, o, gate, up, down in each of the layers
 
@@ -367,3 +377,23 @@ def test_equals_fusion_bench_when_installed() -> None:
             torch.testing.assert_close(merge(method, base, models, params, name=name), base + merged[name])
             norm = merge(method, base[0], [m[0] for m in models], name="model.norm.weight")
             torch.testing.assert_close(norm, base[0] + merged["model.norm.weight"])
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "wudi"])
+def test_bf16_recipe_gives_the_same_bytes_twice(llama_family: Family, tmp_path: Path, method: str) -> None:
+    family = llama_family
+    extra = "parameters: {steps: 5, lr: 1.0e-3}\n" if method == "wudi" else ""
+    recipe = f"merge_method: {method}\nbase_model: {family.base}\n{extra}models:\n" + "".join(
+        f"  - model: {ft}\n    parameters: {{weight: {0.5 + i}}}\n" for i, ft in enumerate(family.finetunes)
+    )
+    run_merge(load_recipe(recipe), tmp_path / "a")
+    run_merge(load_recipe(recipe), tmp_path / "b")
+    first, second = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    base = _tensors(family.base)
+    assert set(first) == set(base)
+    for name, tensor in first.items():
+        assert tensor.dtype == torch.bfloat16 and tensor.shape == base[name].shape
+        assert torch.isfinite(tensor.float()).all()
+        assert torch.equal(tensor.view(torch.int16), second[name].view(torch.int16)), name
+    changed = [n for n in first if not torch.equal(first[n], base[n])]
+    assert len(changed) > len(first) // 2  # the merge moved the weights away from the base
