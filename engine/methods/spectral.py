@@ -98,9 +98,10 @@ def tsv_delta(deltas: Iterable[torch.Tensor], count: int, alpha: float) -> torch
         if k == 0:
             return None
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        us.append(u[:, :k])  # [m, k]
-        ss.append(s[:k])  # [k]
-        vhs.append(vh[:k])  # [k, n]
+        # copies, so the full factors are freed here (a slice would keep each alive)
+        us.append(u[:, :k].clone())  # [m, k]
+        ss.append(s[:k].clone())  # [k]
+        vhs.append(vh[:k].clone())  # [k, n]
         del delta, u, s, vh
     u_orth = orthonormal(torch.cat(us, dim=1))  # [m, T k]
     vh_orth = orthonormal(torch.cat(vhs, dim=0))  # [T k, n]
@@ -136,16 +137,16 @@ def iso_cts_delta(
     u, s, vh = torch.linalg.svd(total, full_matrices=False)  # [m, r], [r], [r, n]
     del total
     common, per_task = common_dims(s.numel(), count, fraction)
-    u_c = u[:, :common]  # [m, c]
-    us, ss, vhs = [u_c], [s[:common]], [vh[:common]]
+    u_c = u[:, :common].clone()  # [m, c]; copies, so the full factors are freed below
+    us, ss, vhs = [u_c], [s[:common].clone()], [vh[:common].clone()]
     del u, s, vh
     if per_task > 0:
         for delta in deltas():
             specific = delta.sub_(u_c @ (u_c.T @ delta))  # [m, n], off the common subspace
             u_t, s_t, vh_t = torch.linalg.svd(specific, full_matrices=False)
-            us.append(u_t[:, :per_task])
-            ss.append(s_t[:per_task])
-            vhs.append(vh_t[:per_task])
+            us.append(u_t[:, :per_task].clone())
+            ss.append(s_t[:per_task].clone())
+            vhs.append(vh_t[:per_task].clone())
             del delta, specific, u_t, s_t, vh_t
     u_orth = orthonormal(torch.cat(us, dim=1))  # [m, r]
     vh_orth = orthonormal(torch.cat(vhs, dim=0))  # [r, n]
