@@ -187,7 +187,7 @@ def test_weights_scale_each_task_vector_before_the_merge() -> None:
         assert not torch.allclose(weighted, merge(method, base, models))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", [*SHAPES, (4, 30)])  # (7, 20) with 2 models, (4, 30): summed task by task
 @pytest.mark.parametrize("n", [2, 3])
 def test_wudi_equals_adam_on_the_paper_loss(shape: tuple[int, int], n: int) -> None:
     base, models = random_family(shape, n, seed=n + 20)

@@ -34,8 +34,9 @@ TSV-M matrix with fewer singular values than task vectors (``k = 0``) takes that
 SVDs and WUDI's steps run in the compute dtype (float32, or float64 when asked for). The
 SVD methods truncate each task vector before the next is formed, so their working set is
 about one tensor's inputs; WUDI keeps, for an ``[m, n]`` matrix, either ``Σ_i d_iᵀ d_i /
-||d_i||²`` ``[n, n]`` when ``n <= m`` or the task vectors themselves, and costs ``steps``
+||d_i||²`` ``[n, n]`` when ``n <= T m`` or the task vectors themselves, and costs ``steps``
 products of ``[m, n]`` by ``[n, n]`` (or ``2 T`` of ``[m, n]`` by ``[n, m]``) per matrix.
+The SVD methods cost, per matrix, ``T + 2`` SVDs (TSV-M), one (ISO-C) or ``T + 3`` (ISO-CTS).
 There is no randomness: the same inputs give the same bytes.
 """
 
@@ -157,8 +158,13 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
 
-def wudi_delta(deltas: Iterable[torch.Tensor], steps: int, lr: float) -> torch.Tensor:
-    """WUDI's merged task vector of ``[m, n]`` task vectors: Adam on the interference loss."""
+def wudi_delta(deltas: Iterable[torch.Tensor], count: int, steps: int, lr: float) -> torch.Tensor:
+    """WUDI's merged task vector of ``count`` ``[m, n]`` task vectors: Adam on the interference loss.
+
+    The gradient is ``2 (t A - B)`` with ``A = Σ_i d_iᵀ d_i / ||d_i||²`` ``[n, n]`` and
+    ``B = Σ_i d_i d_iᵀ d_i / ||d_i||²`` when ``n <= count * m`` (fewer products per step, and
+    ``A`` is no larger than the task vectors); otherwise it is summed task by task.
+    """
     total: torch.Tensor | None = None
     gram: torch.Tensor | None = None  # Σ_i d_iᵀ d_i / ||d_i||²  [n, n]
     target: torch.Tensor | None = None  # Σ_i d_i d_iᵀ d_i / ||d_i||²  [m, n]
@@ -169,7 +175,7 @@ def wudi_delta(deltas: Iterable[torch.Tensor], steps: int, lr: float) -> torch.T
         if norm2 == 0.0:
             continue  # its loss term is zero whatever t is
         m, n = delta.shape
-        if n <= m:
+        if n <= count * m:
             g = (delta.T @ delta).div_(norm2)  # [n, n]
             gram = g if gram is None else gram.add_(g)
             dg = delta @ g  # [m, n]
@@ -231,9 +237,8 @@ def iso_cts(call: MergeCall) -> torch.Tensor:
 def wudi(call: MergeCall) -> torch.Tensor:
     if not _decomposed(call):
         return mean_rule(_task_vectors(call), 1.0).add_(call.base)
-    return wudi_delta(_task_vectors(call), int(call.params["steps"]), float(call.params["lr"])).add_(
-        call.base
-    )
+    steps, lr = int(call.params["steps"]), float(call.params["lr"])
+    return wudi_delta(_task_vectors(call), len(call.others()), steps, lr).add_(call.base)
 
 
 WEIGHT = ParamSpec("weight", "float", Scope.NON_BASE, 1.0, "scale of this model's task vector before merging")
