@@ -17,6 +17,7 @@ from engine.methods import (
     ram,
     sce,
     slerp,
+    spectral,
     task_arithmetic,
 )
 from engine.methods.base import MergeCall, MethodSpec, ParamSpec, Scope
@@ -38,6 +39,7 @@ METHODS: dict[str, MethodSpec] = {
         nearswap.SPEC,
         arcee_fusion.SPEC,
         *ram.SPECS,
+        *spectral.SPECS,
     )
 }
 

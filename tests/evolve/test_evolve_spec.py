@@ -165,6 +165,19 @@ def test_space_has_one_dimension_per_model_and_layer_group(llama_family: Family,
             2,
             ["weight[0]", "weight[1]", "epsilon[0]", "epsilon[1]"],
         ),
+        ("tsv", {"alpha": {"min": 0.5, "max": 2.0}}, 2, ["alpha"]),
+        (
+            "iso_cts",
+            {"alpha": {"min": 0.5, "max": 2.0}, "common_space_fraction": {}},
+            2,
+            ["alpha", "common_space_fraction"],
+        ),
+        (
+            "wudi",
+            {"weight": {"min": 0.5, "max": 1.5}, "steps": {"min": 10, "max": 300}},
+            2,
+            ["weight[0]", "weight[1]", "steps"],
+        ),
     ],
 )
 def test_any_method_with_numeric_parameters_gives_a_space(
