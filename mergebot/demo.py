@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,34 @@ class DemoStack:
     models: tuple[str, ...]  # the demo repos, base first
     bot: Any  # the bot.service.Bot serving the page and the webhook
     dataset: str = ""  # the evaluation dataset repo (eval.txt, qa.jsonl)
+    requests_repo: str = ""  # where a discussion asks the bot for a merge
+    user_token: str = ""  # the demo user's token on the local Hub (owns demo-lab)
+
+
+class PortBusy(RuntimeError):
+    """The page's port is taken by another program."""
+
+
+def _check_port(host: str, port: int) -> None:
+    """Raise :class:`PortBusy` when ``port`` cannot be bound on ``host``."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise PortBusy(f"port {port} on {host} is in use; choose another with --port") from None
+
+
+def discussion_snippet(stack: DemoStack) -> str:
+    """A copy-paste command that opens a merge request in the demo's requests repo."""
+    base, tune = stack.models[0], stack.models[1]
+    return f"""HF_HUB_DISABLE_XET=1 .venv/bin/python - <<'EOF'
+from huggingface_hub import HfApi
+api = HfApi(endpoint="{stack.hub_url}", token="{stack.user_token}")
+recipe = "merge_method: slerp\\nbase_model: {base}\\nmodels:\\n  - model: {base}\\n  - model: {tune}\\nparameters:\\n  t: 0.5\\n"
+d = api.create_discussion("{stack.requests_repo}", "A merge, please",
+                          description=f"@{BOT_ACCOUNT} merge --name my-first-merge\\n```yaml\\n{{recipe}}```\\n")
+print(f"{stack.hub_url}/{stack.requests_repo}/discussions/{{d.num}}")
+EOF"""
 
 
 def _free_port(host: str) -> int:
@@ -102,6 +131,8 @@ def demo_stack(
     from localhub.testing import run_localhub
     from space.app import create_app
 
+    if port:
+        _check_port(host, port)  # before anything is built: a taken port is one line, at once
     data = Path(data).resolve()
     data.mkdir(parents=True, exist_ok=True)
     bot_token = _read_or_make_token(data / "secrets" / "bot-token", "hf_demo_bot_")
@@ -126,6 +157,8 @@ def demo_stack(
             }
         )
         bot = Bot(settings)
+        requests_repo = f"{BOT_ACCOUNT}/requests"  # the bot's inbox for discussion requests
+        HfApi(endpoint=hub.endpoint, token=bot_token).create_repo(requests_repo, exist_ok=True)
         app = create_app(bot, models=models)
         port = port or _free_port(host)
         server = uvicorn.Server(
@@ -146,7 +179,13 @@ def demo_stack(
         )
         try:
             yield DemoStack(
-                url=f"http://{host}:{port}/", hub_url=hub.endpoint, models=models, bot=bot, dataset=dataset
+                url=f"http://{host}:{port}/",
+                hub_url=hub.endpoint,
+                models=models,
+                bot=bot,
+                dataset=dataset,
+                requests_repo=requests_repo,
+                user_token=user_token,
             )
         finally:
             try:  # the next start serves on another port: this hook would only fail
@@ -173,11 +212,23 @@ def main(argv: Sequence[str]) -> int:
 
     disable_progress_bars()
     print("Starting the demo: a local Hub with demo models, the merge bot and its Space…", flush=True)
+    try:
+        return _serve(args)
+    except PortBusy as exc:  # raised before anything is served
+        print(f"mergebot demo: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
     with demo_stack(args.data, host=args.host, port=args.port) as stack:
         print(f"\n  Open {stack.url} in your browser.\n", flush=True)
         print(f"  Local Hub: {stack.hub_url} (demo models: {', '.join(stack.models)};")
         print(f"  evaluation data for the Evolve tab: datasets/{stack.dataset})")
-        print(f"  State is kept in {Path(args.data).resolve()}; press Ctrl+C to stop.\n", flush=True)
+        print(f"  Demo user: {DEMO_USER}, token {stack.user_token}")
+        print(f"\n  Ask the bot in a discussion of {stack.hub_url}/{stack.requests_repo}: paste this in a shell")
+        print("  (it prints the discussion's address; the bot answers there in a few seconds):\n")
+        print(discussion_snippet(stack))
+        print(f"\n  State is kept in {Path(args.data).resolve()}; press Ctrl+C to stop.\n", flush=True)
         try:
             while True:
                 time.sleep(3600)
