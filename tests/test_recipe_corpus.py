@@ -8,7 +8,7 @@ mergekit is the oracle: it accepts a recipe when its schema validates it and the
 makes before reading any tensor pass (the method exists, each output group has the inputs
 the method takes, every required parameter resolves, the dtypes are known). mergebot must
 accept exactly those, and refuse the others, except for the documented differences in
-``DIFFERENCES`` (each one also listed in README's "Where mergebot differs from mergekit").
+``DIFFERENCES`` (each one also listed in docs/differences.md).
 """
 
 from __future__ import annotations
