@@ -35,6 +35,8 @@ from bot.retry import RetryPolicy, with_retries
 from bot.whoami import Account, WhoamiCache
 
 log = logging.getLogger(__name__)
+# the Hub refuses files this large outside LFS (hub-docs: "Files larger than 10MB must use Git LFS")
+LFS_REQUIRED_BYTES = 10 * 1024 * 1024
 T = TypeVar("T")
 
 
@@ -407,13 +409,15 @@ class Hub:
     def publication(self, repo_id: str, *, private: bool, gated: bool) -> Iterator[Publication]:
         """Create (or reuse) ``repo_id`` and stage files into it; nothing is visible until ``commit``.
 
-        If the block fails before the commit, a repo this call created is deleted again.
+        A repo this call creates is created private, and made public (unless ``private``) only
+        once the block has committed: nobody sees it empty or half-uploaded. If the block fails
+        before the commit, the repo is deleted again.
         """
         existed = self.repo_exists(repo_id)
         if not existed:
             try:
                 with_retries(
-                    lambda: self._api.create_repo(repo_id, private=private, exist_ok=True),
+                    lambda: self._api.create_repo(repo_id, private=True, exist_ok=True),
                     self.retry,
                     f"creating `{repo_id}`",
                 )
@@ -430,6 +434,11 @@ class Hub:
         pub = Publication(self._api, repo_id, self.retry)
         try:
             yield pub
+            if not existed and not private and pub.commit_oid is not None:
+                self._write(
+                    f"making `{repo_id}` public",
+                    lambda: self._api.update_repo_settings(repo_id, private=False),
+                )
         except BaseException:
             if not existed and pub.commit_oid is None:
                 try:
@@ -533,7 +542,9 @@ class Publication:
         except HfHubHTTPError as exc:
             raise HubError(f"uploading `{path_in_repo}`", _status(exc)) from None
         self._operations.append(op)
-        if op._upload_mode == "lfs":  # a regular file is sent inline by the commit: keep it until then
+        if local.stat().st_size >= LFS_REQUIRED_BYTES:
+            # the Hub stores a file this large in LFS, so the upload above was its whole content;
+            # a smaller one may be sent inline by the commit and is kept until then
             os.remove(local)
 
     def add(self, path_in_repo: str, content: bytes | Path) -> None:

@@ -41,9 +41,17 @@ def test_publication_is_atomic_and_gated(world: World) -> None:
     hub = Hub(world.hub.endpoint, BOT_TOKEN)
     with hub.publication(f"{BOT}/gated-result", private=False, gated=True) as pub:
         pub.add("a.txt", b"hello")
-        assert world.alice.list_repo_files(f"{BOT}/gated-result") == [".gitattributes"]  # nothing visible yet
+        assert not world.alice.repo_exists(f"{BOT}/gated-result")  # private until committed: not even empty
+        assert world.bot_api.list_repo_files(f"{BOT}/gated-result") == [".gitattributes"]
         pub.commit("Merge (mergebot-job: j1)", "")
+        assert not world.alice.repo_exists(f"{BOT}/gated-result")  # public once the block is done
+    assert world.alice.repo_exists(f"{BOT}/gated-result")
+    assert world.bot_api.model_info(f"{BOT}/gated-result").private is False
     assert world.bot_api.model_info(f"{BOT}/gated-result").gated == "auto"
+    with hub.publication(f"{BOT}/private-result", private=True, gated=False) as pub:
+        pub.add("a.txt", b"hello")
+        pub.commit("Merge (mergebot-job: j3)", "")
+    assert not world.alice.repo_exists(f"{BOT}/private-result")
     assert hub.commit_with_marker(f"{BOT}/gated-result", "mergebot-job: j1") is not None
     assert hub.commit_with_marker(f"{BOT}/gated-result", "mergebot-job: j2") is None
 
