@@ -196,6 +196,7 @@ def check_quality(
     base_dir: str | None = None,
     hub_endpoint: str | None = None,
     hub_token: str | None = None,
+    scratch_dir: str | os.PathLike[str] | None = None,
 ) -> QualityReport:
     """Measure a merged model folder against its parents and give the verdict (see the module doc).
 
@@ -206,6 +207,9 @@ def check_quality(
             measured with the merge's.
         options: sizes and device (default :class:`QualityOptions`).
         base_dir, hub_endpoint, hub_token: as for :func:`engine.sources.open_model`.
+        scratch_dir: where a parent that is not a local safetensors folder (a Hub repo, a LoRA) is
+            written for transformers to load, one at a time, deleted after use (default: the
+            system's temporary folder).
 
     Returns:
         The report; ``skipped`` when the merge has no tokenizer or is not a causal language model.
@@ -227,7 +231,7 @@ def check_quality(
         return QualityReport("skipped", (f"the model is not a causal language model ({exc})",))
     measured: list[ModelQuality] = []
     for reference in parents:
-        with _parent_folder(reference, base_dir, hub_endpoint, hub_token) as parent_dir:
+        with _parent_folder(reference, base_dir, hub_endpoint, hub_token, scratch_dir) as parent_dir:
             own, _ = _load_tokenizer(parent_dir)
             measured.append(_measure(reference, parent_dir, own or tokenizer, text, opts, device))
     return judge(merge, tuple(measured))
@@ -270,7 +274,11 @@ def _load_tokenizer(folder: str) -> tuple[Any, str]:
 
 @contextmanager
 def _parent_folder(
-    reference: str, base_dir: str | None, hub_endpoint: str | None, hub_token: str | None
+    reference: str,
+    base_dir: str | None,
+    hub_endpoint: str | None,
+    hub_token: str | None,
+    scratch_dir: str | os.PathLike[str] | None,
 ) -> Iterator[str]:
     """A folder transformers can load the parent from: its own if it is a local safetensors
     folder, else a temporary one written from its source (one tensor at a time)."""
@@ -281,7 +289,7 @@ def _parent_folder(
         ):
             yield source.path
             return
-        with tempfile.TemporaryDirectory(prefix="mergebot-quality-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="mergebot-quality-", dir=scratch_dir) as tmp:
             _write_model(source, tmp)
             yield tmp
     finally:
