@@ -209,6 +209,9 @@ def _evaluate(config: object, out_dir: str, options: object) -> int:
     from engine.run import MergeOptions
 
     assert isinstance(config, MergeConfig) and isinstance(options, MergeOptions)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one "Loading weights" bar per model is noise here
     print("checking the merge's quality...")
     report = check_quality(
         out_dir,
