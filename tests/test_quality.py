@@ -178,3 +178,17 @@ def test_cli_eval_passes_a_good_merge_and_fails_a_broken_one(
     err = capsys.readouterr().err
     assert "quality check failed" in err and "perplexity" in err and f"kept in {out}" in err
     assert (out / "config.json").exists()  # kept for the user to inspect
+
+
+def test_prompts_go_through_the_chat_template_when_there_is_one(demo: dict[str, str], tmp_path: Path) -> None:
+    folder = tmp_path / "chat"
+    shutil.copytree(demo["tiny-base"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    # a template that drops the prompt: every prompt then gives the same greedy continuation
+    config["chat_template"] = "{{ bos_token }}User: hello Bot:"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    report = check_quality(folder, options=SMALL)
+    assert report.merge is not None
+    assert len({g.text for g in report.merge.generations}) == 1
+    plain = check_quality(demo["tiny-base"], options=SMALL)
+    assert plain.merge is not None and len({g.text for g in plain.merge.generations}) > 1
