@@ -58,6 +58,7 @@ PROMPTS: tuple[str, ...] = (
     "Here is a short list of fruits:",
 )
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+_LOADED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")  # tokenizer and generation files
 
 Status = Literal["passed", "failed", "skipped"]
 
@@ -300,8 +301,11 @@ def _write_model(source: ModelSource, folder: str) -> None:
     from safetensors.torch import save_file
 
     for relative in source.files():
-        if relative in ("config.json", "README.md") or relative.endswith(".py"):
-            continue  # the config is written from the parsed dict; never any code
+        # Only what transformers reads for a causal LM and its tokenizer (top level, small files:
+        # a repo's GGUF or ONNX exports are never fetched); the config is written from the parsed
+        # dict, and no code is ever copied.
+        if "/" in relative or relative == "config.json" or not relative.endswith(_LOADED_SUFFIXES):
+            continue
         target = os.path.join(folder, relative)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "wb") as f:
