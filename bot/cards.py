@@ -6,6 +6,7 @@ licences, the lineage) into a frozen :class:`CardContext`; :func:`render_card` o
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,11 +15,12 @@ from typing import Any
 
 import jinja2
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from bot.hub import Lineage, RepoFacts
 from bot.licenses import LicenseVerdict
 from bot.markdown import prose, web_link
+from engine.quality import QualityReport
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "model_card_templates"
 TEMPLATE_NAME = "merge.md.jinja"
@@ -91,6 +93,7 @@ class CardContext:
     job_id: str
     evaluations: tuple[tuple[str, float], ...] = ()
     search: SearchHistory | None = None  # set for a model found by `evolve`
+    quality: QualityReport | None = None  # the merge's quality check (engine.quality)
 
     @property
     def license_display(self) -> str:
@@ -196,6 +199,7 @@ def build_context(
     job_id: str,
     evaluations: Sequence[tuple[str, float]] = (),
     search: SearchHistory | None = None,
+    quality: QualityReport | None = None,
 ) -> CardContext:
     """Assemble a card's context from facts already gathered (no I/O)."""
     nodes, edges, missing = lineage_graph(repo_id, lineage)
@@ -223,7 +227,25 @@ def build_context(
         job_id=job_id,
         evaluations=tuple(evaluations),
         search=search,
+        quality=quality,
     )
+
+
+def quality_results(ctx: CardContext) -> list[EvalResult]:
+    """The quality check's perplexity as a ``model-index`` entry (none if it was skipped or not finite)."""
+    report = ctx.quality
+    if report is None or report.merge is None or not math.isfinite(report.merge.perplexity):
+        return []
+    return [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type="mergebot-quality-text",
+            dataset_name=report.text,
+            metric_type="perplexity",
+            metric_name="perplexity",
+            metric_value=round(report.merge.perplexity, 3),
+        )
+    ]
 
 
 def card_metadata(ctx: CardContext) -> ModelCardData:
@@ -239,6 +261,9 @@ def card_metadata(ctx: CardContext) -> ModelCardData:
         extra["license_link"] = ctx.license_link or fallback
     elif ctx.license_link:
         extra["license_link"] = ctx.license_link
+    results = quality_results(ctx)
+    if results:
+        extra |= {"model_name": ctx.name, "eval_results": results}
     return ModelCardData(
         base_model=[p.repo_id for p in ctx.parents],
         base_model_relation="merge",

@@ -3,7 +3,7 @@
 A comment is addressed to the bot when a line starts with ``@<botname>``; the rest of that
 line is the command. A merge takes its recipe from the first fenced ``yaml`` block after it::
 
-    @mergebot merge --name my-merge [--private] [--accept-license]
+    @mergebot merge --name my-merge [--private] [--accept-license] [--force]
     ```yaml
     merge_method: slerp
     ...
@@ -32,10 +32,13 @@ _FENCE_RE = re.compile(
 
 @dataclass(frozen=True)
 class Merge:
+    """Merge a recipe; ``force`` publishes the result even if it fails its quality check."""
+
     name: str
     recipe: str
     private: bool = False
     accept_license: bool = False
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,10 @@ def usage(bot_name: str) -> str:
     """The help text, with a complete example."""
     return (
         f"Here is what I understand (one command per comment, starting a line with `@{bot_name}`):\n\n"
-        f"- `@{bot_name} merge --name NAME [--private] [--accept-license]` followed by a fenced "
-        "```` ```yaml ```` block holding a mergekit recipe; models are Hub ids (`org/name` or `org/name@revision`).\n"
+        f"- `@{bot_name} merge --name NAME [--private] [--accept-license] [--force]` followed by a fenced "
+        "```` ```yaml ```` block holding a mergekit recipe; models are Hub ids (`org/name` or `org/name@revision`). "
+        "A merge that fails its quality check (perplexity far above its best parent's, or degenerate "
+        "generations) is published only with `--force`.\n"
         f"- `@{bot_name} evolve --name NAME [--private] [--accept-license]` followed by a fenced "
         "```` ```yaml ```` search file (the format of `mergebot evolve`): I search the merge's coefficients "
         "with CMA-ES and publish the best merge with its search history. Its models are Hub ids; its "
@@ -148,7 +153,7 @@ def parse(text: str, bot_name: str, author: str | None = None) -> Command | None
 def _merge(args: list[str], after: str, verb: str = "merge") -> Command:
     """``merge`` and ``evolve``: the same flags, and a YAML block (a recipe, or a search file)."""
     name: str | None = None
-    private = accept = False
+    private = accept = force = False
     i = 0
     while i < len(args):
         arg = args[i]
@@ -156,6 +161,8 @@ def _merge(args: list[str], after: str, verb: str = "merge") -> Command:
             private = True
         elif arg == "--accept-license":
             accept = True
+        elif arg == "--force" and verb == "merge":
+            force = True
         elif arg == "--name" or arg.startswith("--name="):
             if arg == "--name":
                 if i + 1 >= len(args):
@@ -168,9 +175,12 @@ def _merge(args: list[str], after: str, verb: str = "merge") -> Command:
                 return Invalid("`--name` is given twice.")
             name = value
         else:
-            return Invalid(
-                f"`{verb}` does not take {code_span(arg)}; it takes --name, --private and --accept-license."
+            takes = (
+                "--name, --private, --accept-license and --force"
+                if verb == "merge"
+                else ("--name, --private and --accept-license")
             )
+            return Invalid(f"`{verb}` does not take {code_span(arg)}; it takes {takes}.")
         i += 1
     if name is None:
         return Invalid(f"`{verb}` needs `--name NAME`, the name of the new repo.")
@@ -187,15 +197,20 @@ def _merge(args: list[str], after: str, verb: str = "merge") -> Command:
         return Invalid("the ```` ```yaml ```` block is empty.")
     if verb == "evolve":
         return Evolve(name=name, search=recipe, private=private, accept_license=accept)
-    return Merge(name=name, recipe=recipe, private=private, accept_license=accept)
+    return Merge(name=name, recipe=recipe, private=private, accept_license=accept, force=force)
 
 
 def render(command: Command, bot_name: str) -> str:
     """The comment text that :func:`parse` reads back as ``command`` (not for :class:`Invalid`)."""
     if isinstance(command, Merge | Evolve):
+        force = isinstance(command, Merge) and command.force
         flags = "".join(
             f
-            for f, on in ((" --private", command.private), (" --accept-license", command.accept_license))
+            for f, on in (
+                (" --private", command.private),
+                (" --accept-license", command.accept_license),
+                (" --force", force),
+            )
             if on
         )
         verb, body = ("merge", command.recipe) if isinstance(command, Merge) else ("evolve", command.search)

@@ -7,6 +7,7 @@
     │   └── AccessRefused       an input is beyond the requester's rights, or the result would outlive them
     ├── QuotaError              the requester already has too many jobs waiting
     ├── TooLargeError           the merged model would exceed the bot's size limit
+    ├── QualityCheckFailed      the merged model failed its quality check (published only with ``--force``)
     ├── DestinationError        the result repo cannot be created (exists, bad name)
     ├── JobNotFound             `cancel`/`status` named a job that does not exist or is not theirs
     ├── JobCancelled            raised inside a running merge when its job is cancelled
@@ -47,6 +48,17 @@ class AccessRefused(PreflightError):
     def __init__(self, reasons: tuple[str, ...]) -> None:
         self.reasons = reasons
         super().__init__("\n".join(reasons))
+class QualityCheckFailed(BotError):
+    """The merge failed :func:`engine.quality.check_quality`; ``table`` is the report's markdown."""
+
+    def __init__(self, reasons: tuple[str, ...], table: str) -> None:
+        self.reasons = reasons
+        self.table = table
+        super().__init__(
+            "the merged model failed its quality check, so it was not published:\n"
+            + "\n".join(f"- {r}" for r in reasons)
+            + f"\n\n{table}\n\nTo publish it anyway, ask again with `--force`."
+        )
 
 
 class TooLargeError(BotError):

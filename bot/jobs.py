@@ -93,6 +93,7 @@ class JobSpec(BaseModel):
     source_comment: str | None = None
     credential: Credential = "bot"
     search_yaml: str | None = None  # evolve: the search file, models pinned as `org/name@sha`
+    force: bool = False  # publish even if the merge fails its quality check
 
 
 @dataclass(frozen=True)

@@ -298,6 +298,7 @@ class Bot:
             accept_license=command.accept_license,
             report=report,
             source_comment=source,
+            force=command.force,
         )
         return self.enqueue(spec, pre.summary(), notes=pre.notes)
 

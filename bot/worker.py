@@ -1,4 +1,6 @@
-"""Runs one job: preflight, merge (shards uploaded as they are written), card, one commit, report.
+"""Runs one job: preflight, merge (shards uploaded as they are written), quality check, card, one
+commit, report. A merge that fails its quality check (:mod:`engine.quality`) is not published
+unless the request said ``--force``; the check's table goes into the card and the last comment.
 
 The status comment is ONE comment in the requester's discussion, edited at the job's milestones
 (see :mod:`bot.budget`: at most 10 writes a job): queued (with its place), started, 25/50/75 %,
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -30,6 +33,7 @@ from bot.errors import (
     JobTimedOut,
     LicenseRefused,
     PreflightError,
+    QualityCheckFailed,
 )
 from bot.hub import Hub, Lineage, RepoFacts, is_repo_id, is_revision
 from bot.jobs import SIGN_IN_EXPIRED, Job, JobStore
@@ -49,6 +53,7 @@ from engine import (
     raise_for_audit,
     run_merge,
 )
+from engine.quality import QualityOptions, QualityReport, check_quality
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +273,17 @@ def queued_text(job_id: str, position: int | None, summary: str = "", notes: tup
     return f"⏳ Job `{job_id}` is queued{where}.{more}"
 
 
+def quality_note(report: QualityReport | None) -> str:
+    """What the final comment adds about the quality check: its table (or why it was skipped), and
+    a warning when the merge was published despite failing it."""
+    if report is None:
+        return ""
+    forced = "\n\n⚠️ Published despite failing its quality check, as `--force` asked." * (
+        report.status == "failed"
+    )
+    return f"{forced}\n\n{report.markdown()}"
+
+
 class Worker:
     """Runs jobs from the store, one call per job."""
 
@@ -337,7 +353,7 @@ class Worker:
         self._deadline = None if minutes is None else self.clock() + 60 * minutes
         # The comment is written before the state, so whoever sees a finished job also sees its report.
         try:
-            commit = self._run(job, status, publisher)
+            commit, quality = self._run(job, status, publisher)
         except JobInterrupted:
             status.finish(f"⏸️ Job `{job.id}` was interrupted by a restart of the bot; it will start again.")
             self.store.requeue(job.id)
@@ -367,6 +383,7 @@ class Worker:
             url = self.hub.repo_url(job.spec.destination)
             status.finish(
                 f"✅ Job `{job.id}` is done: [{job.spec.destination}]({url}) (commit `{commit[:12]}`)."
+                + quality_note(quality)
             )
             self.store.finish(job.id, "succeeded", commit=commit)
         self.credentials.drop(job.id)
@@ -401,7 +418,14 @@ class Worker:
         if minutes is not None and self._deadline is not None and self.clock() > self._deadline:
             raise JobTimedOut(job.id, minutes)
 
-    def card(self, job: Job, pre: Preflight, lineage: Lineage, search: SearchHistory | None = None) -> bytes:
+    def card(
+        self,
+        job: Job,
+        pre: Preflight,
+        lineage: Lineage,
+        search: SearchHistory | None = None,
+        quality: QualityReport | None = None,
+    ) -> bytes:
         """The model card of a job's result (a merge, or the best merge of a search)."""
         context = build_context(
             repo_id=job.spec.destination,
@@ -415,10 +439,30 @@ class Worker:
             verdict=pre.verdict,
             job_id=job.id,
             search=search,
+            quality=quality,
         )
         return render_card(context).encode()
 
-    def _run(self, job: Job, status: StatusComment, publisher: Hub) -> str:
+    def check_quality(self, job: Job, pre: Preflight, out: Path) -> QualityReport:
+        """The merge's quality check against its parents (skipped for a model without a tokenizer).
+
+        Raises:
+            QualityCheckFailed: it failed and the request did not say ``--force``.
+        """
+        report = check_quality(
+            out,
+            pre.config.referenced_models(),
+            options=QualityOptions(device=self.settings.device),
+            hub_endpoint=self.settings.hf_endpoint,
+            hub_token=self.settings.hf_token.get_secret_value(),
+            scratch_dir=out.parent,
+        )
+        log.info("job %s: %s", job.id, report.summary())
+        if not report.passed and not job.spec.force:
+            raise QualityCheckFailed(report.reasons, report.markdown())
+        return report
+
+    def _run(self, job: Job, status: StatusComment, publisher: Hub) -> tuple[str, QualityReport | None]:
         if self._stopping.is_set():
             raise JobInterrupted(job.id)
         spec = job.spec
@@ -426,11 +470,11 @@ class Worker:
         pushed = publisher.commit_with_marker(spec.destination, marker)
         if pushed is not None:  # a previous process pushed, then died before recording it
             log.info("job %s was already pushed as %s", job.id, pushed.oid)
-            return pushed.oid
+            return pushed.oid, None
         if spec.kind == "evolve":
             from bot.evolve import run_evolve  # imports optuna and transformers: only for evolve jobs
 
-            return run_evolve(self, job, status, publisher)
+            return run_evolve(self, job, status, publisher), None
         status.show(f"⚙️ Job `{job.id}` is running: checking the parents…")
         rights = self.rights(job)
         token = rights.read_token(self.settings.hf_token.get_secret_value())
@@ -467,6 +511,19 @@ class Worker:
             publisher.publication(spec.destination, private=spec.private, gated=pre.verdict.gated) as pub,
         ):
             out = Path(tmp) / "out"
+            uploads = Path(tmp) / "uploads"
+            uploads.mkdir()
+
+            def upload_shard(path: str) -> None:
+                # The upload deletes what it sends, but the quality check reads the shards after
+                # the merge: it is sent a hard link (no second copy on disk where links work).
+                sent = uploads / os.path.basename(path)
+                try:
+                    os.link(path, sent)
+                except OSError:
+                    shutil.copyfile(path, sent)
+                pub.upload_now(sent.name, sent)
+
             run_merge(
                 pre.config,
                 out,
@@ -478,13 +535,15 @@ class Worker:
                     verify=True,  # nothing is committed unless transformers loads the output
                 ),
                 progress=progress,
-                on_shard=lambda path: pub.upload_now(os.path.basename(path), Path(path)),
+                on_shard=upload_shard,
             )
+            self.checkpoint(job)
+            quality = self.check_quality(job, pre, out)
             staged = set(pub.staged)
             for file in sorted(out.iterdir()):
                 if file.name not in staged and file.is_file():
                     pub.add(file.name, file)
-            pub.add("README.md", self.card(job, pre, lineage))
+            pub.add("README.md", self.card(job, pre, lineage, quality=quality))
             status.show(f"📦 Job `{job.id}` is merged; publishing `{spec.destination}`…")
             title = f"{'Re-merge' if spec.kind == 'remerge' else 'Merge'} {name} ({marker})"
-            return pub.commit(title, commit_description(job, pre))
+            return pub.commit(title, commit_description(job, pre)), quality

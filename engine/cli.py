@@ -1,7 +1,8 @@
 """`mergebot merge`, `mergebot check` and `mergebot extract-lora`: the engine's command line.
 
 Errors a user can fix are printed as one line (or a short list) and exit with status 1;
-usage errors exit with 2. A traceback means a bug in mergebot.
+usage errors exit with 2; a merge whose quality check (``--eval``) fails exits with 3, its output
+folder kept for inspection. A traceback means a bug in mergebot.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from engine.errors import MergeError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_QUALITY = 3
 
 
 def parse_size(text: str) -> int:
@@ -68,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="before writing OUT_DIR, check that transformers builds the output's config and expects "
         "exactly its tensors (on the meta device: no weights are loaded)",
+    )
+    merge.add_argument(
+        "--eval",
+        action="store_true",
+        help="after merging, check the output's quality against its parents (perplexity on a short "
+        "text, greedy generations); a failing check exits with status 3 and keeps OUT_DIR",
     )
     merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     tok = merge.add_mutually_exclusive_group()
@@ -251,7 +259,34 @@ def _merge(args: argparse.Namespace) -> int:
     )
     for note in result.notes:
         print(f"note: {note}")
+    if args.eval:
+        return _evaluate(config, str(result.out_path), options)
     return 0
+
+
+def _evaluate(config: object, out_dir: str, options: object) -> int:
+    from engine.config import MergeConfig
+    from engine.quality import QualityOptions, check_quality
+    from engine.run import MergeOptions
+
+    assert isinstance(config, MergeConfig) and isinstance(options, MergeOptions)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one "Loading weights" bar per model is noise here
+    print("checking the merge's quality...")
+    report = check_quality(
+        out_dir,
+        config.referenced_models(),
+        options=QualityOptions(device=options.device),
+        base_dir=options.base_dir,
+    )
+    print(report.markdown())
+    if report.passed:
+        print(report.summary())
+        return 0
+    print(f"error: {report.summary()}", file=sys.stderr)
+    print(f"note: the merged model is kept in {out_dir} for you to inspect", file=sys.stderr)
+    return EXIT_QUALITY
 
 
 def _audit(config: object, options: object, allow_crimes: bool) -> None:

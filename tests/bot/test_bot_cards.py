@@ -10,6 +10,7 @@ from huggingface_hub import ModelCard
 from bot.cards import build_context, lineage_graph, render_card
 from bot.hub import Lineage, LineageNode, RepoFacts
 from bot.licenses import ParentLicense, decide
+from engine.quality import Generation, ModelQuality, QualityReport, judge
 
 RECIPE = (
     "merge_method: dare_ties\nbase_model: org/base@aaa\nmodels:\n"
@@ -108,3 +109,33 @@ def test_non_commercial_card_says_so() -> None:
     )
     assert "non-commercial use only" in text and ModelCard(text).data.license == "cc-by-nc-4.0"
     assert "n0 --> n1" in text and 'n1["org/base"]' in text
+
+
+def figures(ppl: float, name: str) -> ModelQuality:
+    return ModelQuality(name, ppl, 2048, (Generation("p", "fine text"),))
+
+
+def test_the_quality_check_goes_into_the_text_and_the_model_index(no_network: None) -> None:
+    report = judge(figures(12.3456, "merge"), [figures(11.0, "org/a@bbb"), figures(40.0, "org/b@ccc")])
+    text = render_card(context(quality=report))
+    card = ModelCard(text, ignore_metadata_errors=False)
+    (result,) = card.data.eval_results
+    assert (result.task_type, result.metric_type, result.metric_value) == (
+        "text-generation",
+        "perplexity",
+        12.346,
+    )
+    assert result.dataset_name == "mergebot quality text" and card.data.model_name == "result"
+    assert "## Quality check" in text and "**passed**" in text
+    assert "| this merge | 12.35 | 0 |" in text and "| `org/a@bbb` | 11.00 | 0 |" in text
+    assert "despite the failed check" not in text
+
+
+def test_a_forced_failed_or_skipped_check_is_shown_without_a_model_index() -> None:
+    failed = judge(figures(float("inf"), "merge"), [figures(11.0, "org/a@bbb")])
+    text = render_card(context(quality=failed))
+    assert "**failed**" in text and "despite the failed check" in text and "| this merge | ∞ |" in text
+    assert ModelCard(text).data.eval_results is None  # an infinite perplexity is not a figure to index
+    skipped = render_card(context(quality=QualityReport("skipped", ("the model has no tokenizer",))))
+    assert "Quality check skipped: the model has no tokenizer." in skipped
+    assert ModelCard(skipped).data.eval_results is None

@@ -18,6 +18,19 @@ def test_merge_with_flags_and_recipe() -> None:
     assert parse(f"@MergeBot merge --name x\n```\n{RECIPE}```", BOT) == Merge("x", RECIPE)
 
 
+def test_merge_takes_force_and_evolve_does_not() -> None:
+    assert parse(f"@{BOT} merge --name x --force\n```yaml\n{RECIPE}```", BOT) == Merge(
+        "x", RECIPE, force=True
+    )
+    assert parse(f"@{BOT} merge --force --name x\n```yaml\n{RECIPE}```", BOT) == Merge(
+        "x", RECIPE, force=True
+    )
+    assert render(Merge("x", RECIPE, force=True), BOT).startswith(f"@{BOT} merge --name x --force\n")
+    refused = parse(f"@{BOT} evolve --name x --force\n```yaml\n{RECIPE}```", BOT)
+    assert isinstance(refused, Invalid) and "`evolve` does not take `--force`" in refused.problem
+    assert "--force" in usage(BOT)
+
+
 def test_evolve_takes_the_merge_flags_and_a_search_file() -> None:
     search = "method: ties\nbase_model: a/base\nmodels: [a/b]\n"
     text = f"@{BOT} evolve --name evolved --private\n```yaml\n{search}```"
@@ -96,6 +109,7 @@ commands = st.one_of(
         recipe=recipes.map(lambda t: t if t.endswith("\n") else t + "\n"),
         private=st.booleans(),
         accept_license=st.booleans(),
+        force=st.booleans(),
     ),
     st.builds(
         Evolve,
