@@ -414,6 +414,9 @@ class Hub:
         before the commit, the repo is deleted again.
         """
         existed = self.repo_exists(repo_id)
+        # a private repo with nothing committed in it is the shell an interrupted run created
+        # (a restart runs the job again): it is this publication's to fill, show or delete
+        shell = existed and self._empty_private(repo_id)
         if not existed:
             try:
                 with_retries(
@@ -434,13 +437,13 @@ class Hub:
         pub = Publication(self._api, repo_id, self.retry)
         try:
             yield pub
-            if not existed and not private and pub.commit_oid is not None:
+            if (shell or not existed) and not private and pub.commit_oid is not None:
                 self._write(
                     f"making `{repo_id}` public",
                     lambda: self._api.update_repo_settings(repo_id, private=False),
                 )
         except BaseException:
-            if not existed and pub.commit_oid is None:
+            if (shell or not existed) and pub.commit_oid is None:
                 try:
                     with_retries(
                         lambda: self._api.delete_repo(repo_id, missing_ok=True),
@@ -450,6 +453,14 @@ class Hub:
                 except HfHubHTTPError as exc:
                     log.warning("could not delete the empty repo %s (HTTP %s)", repo_id, _status(exc))
             raise
+
+    def _empty_private(self, repo_id: str) -> bool:
+        """Whether ``repo_id`` is private and holds no file but ``.gitattributes``."""
+        info = self._call(f"reading `{repo_id}`", lambda: self._api.model_info(repo_id))
+        if not info.private:
+            return False
+        files = self._call(f"listing `{repo_id}`", lambda: self._api.list_repo_files(repo_id))
+        return set(files) <= {".gitattributes"}
 
     # -- deployment (`mergebot space push`, `mergebot bot setup`) -------------------------
 

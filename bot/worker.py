@@ -443,8 +443,10 @@ class Worker:
         )
         return render_card(context).encode()
 
-    def check_quality(self, job: Job, pre: Preflight, out: Path) -> QualityReport:
+    def check_quality(self, job: Job, pre: Preflight, out: Path, token: str) -> QualityReport:
         """The merge's quality check against its parents (skipped for a model without a tokenizer).
+
+        The parents are read with ``token``: the requester's rights, as for the merge itself.
 
         Raises:
             QualityCheckFailed: it failed and the request did not say ``--force``.
@@ -454,7 +456,7 @@ class Worker:
             pre.config.referenced_models(),
             options=QualityOptions(device=self.settings.device),
             hub_endpoint=self.settings.hf_endpoint,
-            hub_token=self.settings.hf_token.get_secret_value(),
+            hub_token=token,
             scratch_dir=out.parent,
         )
         log.info("job %s: %s", job.id, report.summary())
@@ -538,7 +540,7 @@ class Worker:
                 on_shard=upload_shard,
             )
             self.checkpoint(job)
-            quality = self.check_quality(job, pre, out)
+            quality = self.check_quality(job, pre, out, token)
             staged = set(pub.staged)
             for file in sorted(out.iterdir()):
                 if file.name not in staged and file.is_file():

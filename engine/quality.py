@@ -15,9 +15,11 @@ The verdict compares the merge with its parents, so that models that are weak to
 - the merge's perplexity is not finite, or above :data:`PPL_RATIO` times its best parent's
   *and* above the floor :data:`PPL_FLOOR` (on a text this short, a very low perplexity can
   double without meaning anything); or
-- most of the merge's generations (more than half) are degenerate, and more of them than of
-  any parent's. One odd generation is not enough: a greedy continuation of a short prompt can
-  loop in a sound model too, and small models' generations vary with any change of weights.
+- most of the merge's generations (more than half) are degenerate, and at least
+  :data:`DEGENERATE_MARGIN` more of them than of any parent's. One odd generation is not
+  enough: a greedy continuation of a short prompt can loop in a sound model too, and small
+  models' generations vary with any change of weights (a sound merge of two tiny random
+  models loops on one prompt more than its parents about as often as not).
 
 A model folder without a tokenizer (or not a causal language model) is not checked: the
 report's status is ``skipped``, with the reason; that is not a failure.
@@ -51,6 +53,7 @@ PPL_RATIO = 1.5  # the merge fails above this times its best parent's perplexity
 PPL_FLOOR = 10.0  # ...when its perplexity is also above this
 REPEAT_NGRAM = 3  # repetition is measured on token n-grams of this length
 REPEAT_SHARE = 0.5  # a generation whose n-grams are more than this share repeats is degenerate
+DEGENERATE_MARGIN = 2  # how many more degenerate generations than its worst parent fail a merge
 NON_TEXT_SHARE = 0.1  # ...or whose characters are more than this share control/replacement characters
 PROMPTS: tuple[str, ...] = (
     "The capital of France is",
@@ -252,7 +255,7 @@ def judge(merge: ModelQuality, parents: Sequence[ModelQuality] = ()) -> QualityR
                 f"parent's ({best:.2f}); the limit is {PPL_RATIO}×"
             )
     worst = max((p.degenerate for p in parents), default=0)
-    if 2 * merge.degenerate > len(merge.generations) and merge.degenerate > worst:
+    if 2 * merge.degenerate > len(merge.generations) and merge.degenerate - worst >= DEGENERATE_MARGIN:
         problems = "; ".join(f"{g.prompt!r}: {g.problem}" for g in merge.generations if g.problem)
         reasons.append(
             f"{merge.degenerate} of the merge's {len(merge.generations)} generations are degenerate "

@@ -144,11 +144,14 @@ def test_the_verdict_is_relative_to_the_best_parent() -> None:
     assert judge(quality(PPL_FLOOR - 0.1), [quality(2.0)]).status == "passed"
     assert judge(quality(math.inf), [quality(2.0)]).status == "failed"
     assert judge(quality(math.nan), []).status == "failed"
-    # degenerate generations: most of the merge's, and more than any parent's
+    # degenerate generations: most of the merge's, and at least two more than any parent's
     assert judge(quality(10.0, degenerate=1), [quality(10.0, 0)]).status == "passed"
     assert judge(quality(10.0, degenerate=2), [quality(10.0, 0), quality(10.0, 2)]).status == "passed"
-    worse = judge(quality(10.0, degenerate=2), [quality(10.0, 0), quality(10.0, 1)])
+    assert judge(quality(10.0, degenerate=2), [quality(10.0, 1), quality(10.0, 1)]).status == "passed"
+    worse = judge(quality(10.0, degenerate=2), [quality(10.0, 0), quality(10.0, 0)])
     assert worse.status == "failed" and "degenerate" in worse.reasons[0]
+    worst = judge(quality(10.0, degenerate=3), [quality(10.0, 0), quality(10.0, 1)])
+    assert worst.status == "failed" and "degenerate" in worst.reasons[0]
     assert judge(quality(10.0, degenerate=2)).status == "failed"  # no parents
     assert judge(quality(10.0, degenerate=1)).status == "passed"
 

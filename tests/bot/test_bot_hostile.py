@@ -76,7 +76,7 @@ def test_a_nan_weight_is_refused_and_nothing_is_queued(world: World, serve_bot: 
 def test_a_fence_in_a_recipe_key_stays_inside_the_bot_s_code_block(
     world: World, serve_bot: BotFactory
 ) -> None:
-    serve_bot()
+    serve_bot(run_jobs=False)  # the queued comment, which quotes the recipe's notes, stays as written
     injected = '"x\\n```\\n# Approved by the bot\\n[claim your prize](http://evil.example)\\n```\\n": 1\n'
     (reply,) = wait_reply(world, ask(world, merge_command("fence", LINEAR + injected)))
     lines = reply.splitlines()

@@ -125,9 +125,8 @@ def test_kill_during_a_merge_and_restart_gives_one_result(
     first.kill()
     job_id = running[0].id
     assert store.get(job_id).state == "running"  # type: ignore[union-attr]
-    assert not world.alice.list_repo_commits(f"{BOT}/restarted")[0].title.startswith(
-        "Merge"
-    )  # nothing published
+    assert not world.alice.repo_exists(f"{BOT}/restarted")  # nothing published: not even visible
+    assert not world.bot_api.list_repo_commits(f"{BOT}/restarted")[0].title.startswith("Merge")
 
     disable_webhook(world.hub, hook.id)
     second = BotProcess(world, data, log)
