@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="before writing OUT_DIR, check that transformers builds the output's config and expects "
         "exactly its tensors (on the meta device: no weights are loaded)",
     )
+    merge.add_argument(
+        "--report",
+        action="store_true",
+        help="also write the merge's anatomy into OUT_DIR: merge_report.json (per-layer parent shares, "
+        "sign conflicts, dropped entries, cosines) and merge_anatomy.png",
+    )
     merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     tok = merge.add_mutually_exclusive_group()
     tok.add_argument(
@@ -161,6 +167,7 @@ def _merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         base_dir=os.path.dirname(os.path.abspath(args.recipe)),
         verify=args.verify,
+        report=args.report,
     )
     _audit(config, options, args.allow_crimes)
     if args.dry_run:

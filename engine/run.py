@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 
 from engine import buffers, kernels
+from engine.anatomy import Anatomy, write_report
 from engine.config import MergeConfig
 from engine.errors import MergeError, OutputError, RecipeError
 from engine.methods.base import MergeCall
@@ -81,6 +82,7 @@ class MergeOptions:
     hub_endpoint: str | None = None  # None: huggingface_hub's default (HF_ENDPOINT or huggingface.co)
     hub_token: str | None = field(default=None, repr=False)  # never shown in reprs or logs
     verify: bool = False  # also check that transformers loads the output (engine.verify.check_loads)
+    report: bool = False  # also write the merge's anatomy (engine.anatomy): merge_report.json, merge_anatomy.png
 
 
 @dataclass(frozen=True)
@@ -200,13 +202,16 @@ def run_merge(
                 options.out_shard_size,
                 on_shard=on_shard,
             )
+            anatomy = Anatomy(plan, opened.sources) if options.report else None
             try:
-                _execute(plan, opened.sources, writer, device, progress)
+                _execute(plan, opened.sources, writer, device, progress, anatomy)
                 writer.finish()
             finally:
                 writer.abort()
                 buffers.POOL.clear()  # a long-lived process (the bot) keeps nothing between merges
             _write_side_files(config, plan, opened.sources, staging, options)
+            if anatomy is not None:
+                write_report(anatomy.report(), staging)
         check_written(plan, staging)
         if options.verify:
             check_loads(staging, {task.name: task.shape for task in plan.tasks})
@@ -229,12 +234,14 @@ def _execute(
     writer: ShardedWriter,
     device: torch.device,
     progress: Progress | None,
+    anatomy: Anatomy | None = None,
 ) -> None:
     """Compute tensors in plan order, with reading and writing overlapped.
 
     A reader thread fetches the next tensor's inputs while this one is merged, and a writer
     thread stores finished tensors (at most two wait for it, which bounds memory) while the
-    next ones are computed. Errors from either thread surface here.
+    next ones are computed. Errors from either thread surface here. ``anatomy`` observes each
+    tensor's inputs in the reader thread, as they are fetched.
     """
     tasks = plan.tasks
     total = len(tasks)
@@ -243,7 +250,10 @@ def _execute(
 
     def fetch(task: TensorTask) -> tuple[InputMode, list[torch.Tensor] | None]:
         mode = input_mode(plan, task, sources, device)
-        return mode, read_inputs(task, sources, device) if mode == "read" else None
+        inputs = read_inputs(task, sources, device) if mode == "read" else None
+        if anatomy is not None:
+            anatomy.observe(task, inputs)
+        return mode, inputs
 
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebot-read") as reader,
