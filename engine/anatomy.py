@@ -58,8 +58,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
+from engine import anatomy_plot, kernels
 from engine.architecture import TIED_HEADS, LayerStack, default_stack, find_stacks, is_pre_weight
 from engine.methods.slerp import slerp_coefficients
 from engine.methods.task_arithmetic import _magnitude_ranks
@@ -118,11 +120,48 @@ def layer_group(name: str, stack: LayerStack | None) -> str:
     return "other"
 
 
-def _reduce(tensors: Sequence[torch.Tensor], ref: int, signs: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def _reduce(
+    tensors: Sequence[torch.Tensor], ref: int, signs: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Sums over slices: the Gram matrix of ``x_i - x_ref``, ``<x_i, x_ref>``, sign conflicts, non-zeros.
 
-    ``signs``: the inputs whose differences' signs are compared (empty: none).
+    ``signs``: the inputs whose differences' signs are compared (fewer than two: none). The
+    fused loops of :mod:`engine.kernels` run where they can (CPU, bf16 or float32), on this
+    thread only: the merge has the cores' pool meanwhile.
     """
+    if kernels.supports(*tensors) and len({t.dtype for t in tensors}) == 1:
+        return _reduce_kernels(tensors, ref, signs)
+    return _reduce_torch(tensors, ref, signs)
+
+
+def _reduce_kernels(
+    tensors: Sequence[torch.Tensor], ref: int, signs: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    arrays = tuple(kernels.as_array(t) for t in tensors)
+    n = arrays[0].shape[0]
+    k = len(arrays)
+    gram = np.zeros((k, k), np.float64)
+    cross = np.zeros(k, np.float64)  # filled for the distance kind only
+    conflicts = nonzero = 0
+    chosen = tuple(arrays[i] for i in signs)
+    for start in range(0, n, SLICE):
+        end = min(start + SLICE, n)
+        if len(chosen) > 1:  # the task-vector kind: differences, and their signs
+            gram += kernels.delta_gram(arrays, arrays[ref], start, end)
+            c, z = kernels.sign_counts(chosen, arrays[ref], start, end)
+            conflicts, nonzero = conflicts + c, nonzero + z
+        else:  # the inputs' own Gram matrix: float64 sums of exact products, so the
+            # differences' products below lose nothing that matters to a share
+            gram += kernels.gram(arrays, start, end)
+    if len(chosen) <= 1:
+        cross = gram[:, ref].copy()
+        gram = gram - cross[:, None] - cross[None, :] + cross[ref]
+    return torch.from_numpy(gram), torch.from_numpy(cross), conflicts, nonzero
+
+
+def _reduce_torch(
+    tensors: Sequence[torch.Tensor], ref: int, signs: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     k = len(tensors)
     flats = [t.reshape(-1) for t in tensors]
     n = flats[0].numel()
@@ -159,7 +198,9 @@ class Anatomy:
         self.plan = plan
         self.sources = sources
         self.method = plan.method.name
-        base_model = next((t.inputs[t.base_index].model for t in plan.tasks if t.base_index is not None), None)
+        base_model = next(
+            (t.inputs[t.base_index].model for t in plan.tasks if t.base_index is not None), None
+        )
         self.base_model = base_model
         self.kind: Kind = (
             "task_vector" if base_model is not None and self.method not in DISTANCE_METHODS else "distance"
@@ -172,6 +213,7 @@ class Anatomy:
                 if item.model not in self.parents and (self.kind == "distance" or i != task.base_index):
                     self.parents.append(item.model)
         self.groups: dict[str, _Group] = {}
+        anatomy_plot.preload()
 
     def observe(self, task: TensorTask, inputs: Sequence[torch.Tensor] | None) -> None:
         """Add one output tensor, from its read ``inputs`` or (None) the views of its sources."""
@@ -226,8 +268,12 @@ class Anatomy:
             other = 1 - task.base_index
             t = float(task.params["t"])
             norm_base = math.sqrt(max(float(cross[ref]), 0.0))
-            other_sq = float(gram[other, other]) + 2 * (float(cross[other]) - float(cross[ref])) + float(cross[ref])
-            coef_a, coef_b = slerp_coefficients(t, norm_base, math.sqrt(max(other_sq, 0.0)), float(cross[other]))
+            other_sq = (
+                float(gram[other, other]) + 2 * (float(cross[other]) - float(cross[ref])) + float(cross[ref])
+            )
+            coef_a, coef_b = slerp_coefficients(
+                t, norm_base, math.sqrt(max(other_sq, 0.0)), float(cross[other])
+            )
             coefficients = [0.0, 0.0]
             coefficients[task.base_index], coefficients[other] = coef_a, coef_b
             shares = [0.0, 0.0]
@@ -298,7 +344,10 @@ class Anatomy:
             if self.dropped_kind is not None
             else None,
             "cosines": [
-                {"parents": [a, b], "cosine": _cosine(*group.pairs[(a, b)]) if (a, b) in group.pairs else None}
+                {
+                    "parents": [a, b],
+                    "cosine": _cosine(*group.pairs[(a, b)]) if (a, b) in group.pairs else None,
+                }
                 for i, a in enumerate(self.parents)
                 for b in self.parents[i + 1 :]
             ],
@@ -311,7 +360,9 @@ def _cosine(dot: float, sq_a: float, sq_b: float) -> float | None:
     return max(-1.0, min(1.0, dot / math.sqrt(sq_a * sq_b)))
 
 
-def _deviation_gram(gram: torch.Tensor, cross: torch.Tensor, ref: int, coefficients: Sequence[float]) -> torch.Tensor:
+def _deviation_gram(
+    gram: torch.Tensor, cross: torch.Tensor, ref: int, coefficients: Sequence[float]
+) -> torch.Tensor:
     """The Gram matrix of ``x_i - m``, ``m = sum_j c_j x_j``, from the sums of :func:`_reduce`.
 
     On the basis ``(D_0, ..., D_{k-1}, r)`` with ``D_j = x_j - r``: ``x_i - m = D_i - sum_j c_j
@@ -337,8 +388,6 @@ def write_report(report: Mapping[str, Any], folder: str | os.PathLike[str]) -> l
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
-    from engine.anatomy_plot import plot_report
-
     png_path = os.path.join(folder, PLOT_NAME)
-    plot_report(report, png_path)
+    anatomy_plot.plot_report(report, png_path)
     return [json_path, png_path]

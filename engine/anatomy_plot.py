@@ -7,8 +7,25 @@ Drawn with matplotlib's Agg backend (no display needed), from the report of
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
+
+
+def _import_matplotlib() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.backends.backend_agg
+    import matplotlib.figure
+
+
+def preload() -> None:
+    """Import matplotlib in a background thread, while the merge runs (it takes seconds on a busy machine).
+
+    :func:`plot_report` then finds it imported, or waits on Python's import lock for this thread.
+    """
+    threading.Thread(target=_import_matplotlib, name="mergebot-preload-matplotlib", daemon=True).start()
 
 
 def _short(name: str) -> str:
@@ -57,8 +74,14 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None
     if drew:
         bottom.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     else:
-        bottom.text(0.5, 0.5, "no sign conflict or dropping for this method", ha="center", va="center",
-                    transform=bottom.transAxes)
+        bottom.text(
+            0.5,
+            0.5,
+            "no sign conflict or dropping for this method",
+            ha="center",
+            va="center",
+            transform=bottom.transAxes,
+        )
     bottom.set_ylim(0, 1)
     bottom.set_ylabel("share of entries")
     bottom.set_xlabel("layer")

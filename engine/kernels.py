@@ -591,6 +591,25 @@ if HAVE_NUMBA:
         for i in range(n):
             store(out, i, acc[i])
 
+    @njit(nogil=True, cache=True)
+    def _sign_counts(models: Any, base: Any, start: int, end: int, flags: Any) -> tuple[int, int]:
+        # bit 0: some task vector is positive here, bit 1: some is negative
+        n = end - start
+        b = base[start:end]
+        for i in range(n):
+            flags[i] = 0
+        for m in range(len(models)):
+            x = models[m][start:end]
+            for i in range(n):
+                d = load(x, i) - load(b, i)
+                flags[i] |= np.uint8(d > 0) | (np.uint8(d < 0) << np.uint8(1))
+        conflicts = 0
+        nonzero = 0
+        for i in range(n):
+            conflicts += flags[i] == 3
+            nonzero += flags[i] != 0
+        return conflicts, nonzero
+
 
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 
@@ -620,6 +639,13 @@ def gram(models: tuple[np.ndarray[Any, Any], ...], start: int, end: int) -> np.n
     """The Gram matrix of the inputs themselves over ``[start, end)``, in float64."""
     rows = scratch("gram", len(models) * GRAM_BLOCK).reshape(len(models), GRAM_BLOCK)
     return _block_gram(models, models[0], start, end, rows, False)
+
+
+def sign_counts(
+    models: tuple[np.ndarray[Any, Any], ...], base: np.ndarray[Any, Any], start: int, end: int
+) -> tuple[int, int]:
+    """Over ``[start, end)``: entries where the task vectors ``model_i - base`` take both signs, and where any is non-zero."""
+    return _sign_counts(models, base, start, end, scratch("signs", end - start, np.uint8))
 
 
 def scaled_delta_sum(

@@ -245,3 +245,25 @@ def test_report_files_and_plot(llama_family: Family, tmp_path: Path) -> None:
         assert image.format == "PNG" and image.size[0] >= 800 and image.size[1] >= 600
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
         assert colours is not None and len(colours) > 10  # something was drawn
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_reduction_equals_the_torch_one(dtype: torch.dtype) -> None:
+    from engine import kernels
+    from engine.anatomy import _reduce_kernels, _reduce_torch
+
+    if not kernels.available():
+        pytest.skip("numba is not installed")
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(3001, generator=generator)
+    tensors = [base.to(dtype)] + [
+        (base + 0.1 * torch.randn(3001, generator=generator)).to(dtype) for _ in range(3)
+    ]
+    tensors[1][:100] = tensors[0][:100]  # some entries where a task vector is zero
+    for signs in ([1, 2, 3], []):
+        fused, torch_path = _reduce_kernels(tensors, 0, signs), _reduce_torch(tensors, 0, signs)
+        assert torch.allclose(fused[0], torch_path[0], rtol=1e-5)
+        if not signs:
+            assert torch.allclose(fused[1], torch_path[1], rtol=1e-5)
+        assert fused[2:] == torch_path[2:]
+    assert fused[2] == 0 and _reduce_kernels(tensors, 0, [1, 2, 3])[2] > 500
