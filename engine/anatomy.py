@@ -125,7 +125,8 @@ def _reduce(
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Sums over slices: the Gram matrix of ``x_i - x_ref``, ``<x_i, x_ref>``, sign conflicts, non-zeros.
 
-    ``signs``: the inputs whose differences' signs are compared (fewer than two: none). The
+    ``signs``: the inputs whose differences' signs are compared (the task-vector kind; then
+    only their rows of the Gram matrix are filled, and ``<x_i, x_ref>`` is not). The
     fused loops of :mod:`engine.kernels` run where they can (CPU, bf16 or float32), on this
     thread only: the merge has the cores' pool meanwhile.
     """
@@ -144,16 +145,17 @@ def _reduce_kernels(
     cross = np.zeros(k, np.float64)  # filled for the distance kind only
     conflicts = nonzero = 0
     chosen = tuple(arrays[i] for i in signs)
+    index = np.array(list(signs), dtype=np.intp)
     for start in range(0, n, SLICE):
         end = min(start + SLICE, n)
-        if len(chosen) > 1:  # the task-vector kind: differences, and their signs
-            gram += kernels.delta_gram(arrays, arrays[ref], start, end)
-            c, z = kernels.sign_counts(chosen, arrays[ref], start, end)
+        if chosen:  # the task-vector kind: the differences' Gram matrix and signs
+            part, c, z = kernels.delta_gram_signs(chosen, arrays[ref], start, end)
+            gram[np.ix_(index, index)] += part
             conflicts, nonzero = conflicts + c, nonzero + z
         else:  # the inputs' own Gram matrix: float64 sums of exact products, so the
             # differences' products below lose nothing that matters to a share
             gram += kernels.gram(arrays, start, end)
-    if len(chosen) <= 1:
+    if not chosen:
         cross = gram[:, ref].copy()
         gram = gram - cross[:, None] - cross[None, :] + cross[ref]
     return torch.from_numpy(gram), torch.from_numpy(cross), conflicts, nonzero

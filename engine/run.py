@@ -82,7 +82,7 @@ class MergeOptions:
     hub_endpoint: str | None = None  # None: huggingface_hub's default (HF_ENDPOINT or huggingface.co)
     hub_token: str | None = field(default=None, repr=False)  # never shown in reprs or logs
     verify: bool = False  # also check that transformers loads the output (engine.verify.check_loads)
-    report: bool = False  # also write the merge's anatomy (engine.anatomy): merge_report.json, merge_anatomy.png
+    report: bool = False  # also write merge_report.json and merge_anatomy.png (engine.anatomy)
 
 
 @dataclass(frozen=True)
