@@ -91,6 +91,7 @@ class CardContext:
     job_id: str
     evaluations: tuple[tuple[str, float], ...] = ()
     search: SearchHistory | None = None  # set for a model found by `evolve`
+    anatomy: bool = False  # the repo holds merge_anatomy.png and merge_report.json (engine.anatomy)
 
     @property
     def license_display(self) -> str:
@@ -196,6 +197,7 @@ def build_context(
     job_id: str,
     evaluations: Sequence[tuple[str, float]] = (),
     search: SearchHistory | None = None,
+    anatomy: bool = False,
 ) -> CardContext:
     """Assemble a card's context from facts already gathered (no I/O)."""
     nodes, edges, missing = lineage_graph(repo_id, lineage)
@@ -223,6 +225,7 @@ def build_context(
         job_id=job_id,
         evaluations=tuple(evaluations),
         search=search,
+        anatomy=anatomy,
     )
 
 

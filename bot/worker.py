@@ -40,6 +40,7 @@ from engine import (
     raise_for_audit,
     run_merge,
 )
+from engine.anatomy import PLOT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,14 @@ class Worker:
         if current is not None and current.cancel_requested:
             raise JobCancelled(job.id)
 
-    def card(self, job: Job, pre: Preflight, lineage: Lineage, search: SearchHistory | None = None) -> bytes:
+    def card(
+        self,
+        job: Job,
+        pre: Preflight,
+        lineage: Lineage,
+        search: SearchHistory | None = None,
+        anatomy: bool = False,
+    ) -> bytes:
         """The model card of a job's result (a merge, or the best merge of a search)."""
         context = build_context(
             repo_id=job.spec.destination,
@@ -356,6 +364,7 @@ class Worker:
             verdict=pre.verdict,
             job_id=job.id,
             search=search,
+            anatomy=anatomy,
         )
         return render_card(context).encode()
 
@@ -413,6 +422,7 @@ class Worker:
                     device=self.settings.device,
                     out_shard_size=self.settings.shard_bytes,
                     verify=True,  # nothing is committed unless transformers loads the output
+                    report=True,  # merge_report.json and merge_anatomy.png go into the repo and the card
                 ),
                 progress=progress,
                 on_shard=lambda path: pub.upload_now(os.path.basename(path), Path(path)),
@@ -421,7 +431,7 @@ class Worker:
             for file in sorted(out.iterdir()):
                 if file.name not in staged and file.is_file():
                     pub.add(file.name, file)
-            pub.add("README.md", self.card(job, pre, lineage))
+            pub.add("README.md", self.card(job, pre, lineage, anatomy=(out / PLOT_NAME).is_file()))
             status.show(f"📦 Job `{job.id}` is merged; publishing `{spec.destination}`…")
             title = f"{'Re-merge' if spec.kind == 'remerge' else 'Merge'} {name} ({marker})"
             return pub.commit(title, commit_description(job, pre))

@@ -108,3 +108,12 @@ def test_non_commercial_card_says_so() -> None:
     )
     assert "non-commercial use only" in text and ModelCard(text).data.license == "cc-by-nc-4.0"
     assert "n0 --> n1" in text and 'n1["org/base"]' in text
+
+
+def test_card_embeds_the_merge_anatomy_only_when_the_repo_has_it() -> None:
+    with_plot = render_card(context(anatomy=True))
+    without = render_card(context())
+    assert "![merge anatomy](merge_anatomy.png)" in with_plot
+    assert "[figures](merge_report.json)" in with_plot
+    assert "merge_anatomy.png" not in without and "## Merge anatomy" not in without
+    assert with_plot.index("## Recipe") < with_plot.index("## Merge anatomy") < with_plot.index("## License")
