@@ -1,8 +1,9 @@
 """The merge's anatomy: which parent contributed where, how much the signs fought, how much was dropped.
 
 Observed during the streaming pass: :class:`Anatomy` sees each output tensor's inputs once,
-as the engine's reader thread fetches them (the tensors already read, or the zero-copy views
-the streaming methods use), and reduces them slice by slice to a few sums. It never sees or
+as the engine's reader thread reads them, or as the zero-copy views the streaming methods
+use, just before the merge reads them (so the pages are mapped once), and reduces them
+slice by slice to a few sums. It never sees or
 changes what the method computes, so the merged bytes are the same with or without it.
 
 Per tensor, with ``x_i`` its inputs (in the compute dtype) and ``r`` the reference input
@@ -54,7 +55,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -66,7 +67,6 @@ from engine.architecture import TIED_HEADS, LayerStack, default_stack, find_stac
 from engine.methods.slerp import slerp_coefficients
 from engine.methods.task_arithmetic import _magnitude_ranks
 from engine.plan import MergePlan, TensorTask
-from engine.sources import ModelSource
 from engine.sources.safetensors_file import DTYPES
 from engine.vocab import align_rows
 
@@ -121,44 +121,63 @@ def layer_group(name: str, stack: LayerStack | None) -> str:
 
 
 def _reduce(
-    tensors: Sequence[torch.Tensor], ref: int, signs: Sequence[int]
+    tensors: Sequence[torch.Tensor],
+    ref: int,
+    rows: Sequence[int],
+    signs: bool,
+    cross: bool,
+    pool: Executor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Sums over slices: the Gram matrix of ``x_i - x_ref``, ``<x_i, x_ref>``, sign conflicts, non-zeros.
+    """Sums over slices: the Gram matrix of ``D_i = x_i - x_ref``, ``<x_i, x_ref>``, sign conflicts, non-zeros.
 
-    ``signs``: the inputs whose differences' signs are compared (the task-vector kind; then
-    only their rows of the Gram matrix are filled, and ``<x_i, x_ref>`` is not). The
-    fused loops of :mod:`engine.kernels` run where they can (CPU, bf16 or float32), on this
-    thread only: the merge has the cores' pool meanwhile.
+    Args:
+        rows: the inputs ``i`` whose ``D_i`` are needed (the rest of the matrix may stay 0).
+        signs: also count the entries where those ``D_i`` take both signs, and where any is non-zero.
+        cross: also sum ``<x_i, x_ref>`` (else it may stay 0).
+        pool: threads for the slices of the fused loops of :mod:`engine.kernels`, which run
+            where they can (CPU, bf16 or float32). Not ``engine.parallel``'s: that one sets
+            torch's thread count, which the merge running meanwhile relies on.
     """
     if kernels.supports(*tensors) and len({t.dtype for t in tensors}) == 1:
-        return _reduce_kernels(tensors, ref, signs)
-    return _reduce_torch(tensors, ref, signs)
+        return _reduce_kernels(tensors, ref, rows, signs, cross, pool)
+    return _reduce_torch(tensors, ref, rows if signs else [])
 
 
 def _reduce_kernels(
-    tensors: Sequence[torch.Tensor], ref: int, signs: Sequence[int]
+    tensors: Sequence[torch.Tensor],
+    ref: int,
+    rows: Sequence[int],
+    signs: bool,
+    cross: bool,
+    pool: Executor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     arrays = tuple(kernels.as_array(t) for t in tensors)
     n = arrays[0].shape[0]
     k = len(arrays)
     gram = np.zeros((k, k), np.float64)
-    cross = np.zeros(k, np.float64)  # filled for the distance kind only
+    products = np.zeros(k, np.float64)
     conflicts = nonzero = 0
-    chosen = tuple(arrays[i] for i in signs)
-    index = np.array(list(signs), dtype=np.intp)
-    for start in range(0, n, SLICE):
+    chosen = tuple(arrays[i] for i in rows)
+    index = np.array(list(rows), dtype=np.intp)
+    order = np.array([ref, *rows], dtype=np.intp)
+
+    def one_slice(start: int) -> tuple[np.ndarray[Any, Any], int, int, np.ndarray[Any, Any] | None]:
         end = min(start + SLICE, n)
-        if chosen:  # the task-vector kind: the differences' Gram matrix and signs
+        if signs:
             part, c, z = kernels.delta_gram_signs(chosen, arrays[ref], start, end)
-            gram[np.ix_(index, index)] += part
-            conflicts, nonzero = conflicts + c, nonzero + z
-        else:  # the inputs' own Gram matrix: float64 sums of exact products, so the
-            # differences' products below lose nothing that matters to a share
-            gram += kernels.gram(arrays, start, end)
-    if not chosen:
-        cross = gram[:, ref].copy()
-        gram = gram - cross[:, None] - cross[None, :] + cross[ref]
-    return torch.from_numpy(gram), torch.from_numpy(cross), conflicts, nonzero
+        else:
+            part, c, z = kernels.delta_gram(chosen, arrays[ref], start, end), 0, 0
+        raw = kernels.gram((arrays[ref], *chosen), start, end)[0] if cross else None
+        return part, c, z, raw
+
+    starts = range(0, n, SLICE)
+    parts = pool.map(one_slice, starts) if pool is not None and len(starts) > 1 else map(one_slice, starts)
+    for part, c, z, raw in parts:  # summed in slice order: the same sums whatever the threads
+        gram[np.ix_(index, index)] += part
+        conflicts, nonzero = conflicts + c, nonzero + z
+        if raw is not None:
+            products[order] += raw
+    return torch.from_numpy(gram), torch.from_numpy(products), conflicts, nonzero
 
 
 def _reduce_torch(
@@ -192,13 +211,12 @@ def _reduce_torch(
 class Anatomy:
     """Collects the anatomy of one merge, tensor by tensor (see the module's docstring).
 
-    :meth:`observe` is called from one thread (the engine's reader) once per output tensor,
-    before its merge; :meth:`report` after the last.
+    :meth:`observe` is called from one thread at a time, once per output tensor, before its
+    merge; :meth:`report` after the last.
     """
 
-    def __init__(self, plan: MergePlan, sources: Mapping[str, ModelSource]) -> None:
+    def __init__(self, plan: MergePlan) -> None:
         self.plan = plan
-        self.sources = sources
         self.method = plan.method.name
         base_model = next(
             (t.inputs[t.base_index].model for t in plan.tasks if t.base_index is not None), None
@@ -215,29 +233,41 @@ class Anatomy:
                 if item.model not in self.parents and (self.kind == "distance" or i != task.base_index):
                     self.parents.append(item.model)
         self.groups: dict[str, _Group] = {}
+        self._pool = ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 1, thread_name_prefix="mergebot-anatomy"
+        )
         anatomy_plot.preload()
 
-    def observe(self, task: TensorTask, inputs: Sequence[torch.Tensor] | None) -> None:
-        """Add one output tensor, from its read ``inputs`` or (None) the views of its sources."""
+    def close(self) -> None:
+        """Stop the reduction's threads (:meth:`report` still works)."""
+        self._pool.shutdown()
+
+    def observe(self, task: TensorTask, inputs: Sequence[torch.Tensor]) -> None:
+        """Add one output tensor, from its inputs as read (compute dtype) or as views (stored dtype).
+
+        Read inputs of a tensor whose rows are tokens are aligned to the output vocabulary
+        first, as the merge aligns them.
+        """
         if not DTYPES[task.dtype][0].is_floating_point or len(task.inputs) < 2:
             return
-        if inputs is not None:
-            tensors = list(inputs)
-            if task.vocab_axis is not None and self.plan.vocab is not None:
-                base = task.inputs[task.base_index].model if task.base_index is not None else None
-                tensors = align_rows(self.plan.vocab, [item.model for item in task.inputs], tensors, base)
-            self._add(task, tensors)
-            return
-        with ExitStack() as stack:
-            views = [stack.enter_context(self.sources[i.model].view(i.tensor)) for i in task.inputs]  # type: ignore[attr-defined]
-            self._add(task, views)
+        tensors = list(inputs)
+        if task.vocab_axis is not None and self.plan.vocab is not None:
+            base = task.inputs[task.base_index].model if task.base_index is not None else None
+            tensors = align_rows(self.plan.vocab, [item.model for item in task.inputs], tensors, base)
+        self._add(task, tensors)
 
     def _add(self, task: TensorTask, tensors: Sequence[torch.Tensor]) -> None:
         models = [item.model for item in task.inputs]
         ref = task.base_index if task.base_index is not None else 0
         task_vector = self.kind == "task_vector" and task.base_index is not None
-        others = [i for i in range(len(models)) if i != task.base_index] if task_vector else []
-        gram, cross, conflicts, nonzero = _reduce(tensors, ref, others)
+        others = [i for i in range(len(models)) if i != ref]
+        if task_vector:
+            needs_cross = False
+        elif self.method == "slerp":
+            needs_cross = True
+        else:  # the reference's own products matter only when the coefficients do not sum to 1
+            needs_cross = abs(1.0 - sum(self._linear(task)[0])) > 1e-9
+        gram, cross, conflicts, nonzero = _reduce(tensors, ref, others, task_vector, needs_cross, self._pool)
         n = tensors[0].numel()
         group = _Group(tensors=1, elements=n)
         if task_vector:
@@ -281,6 +311,10 @@ class Anatomy:
             shares = [0.0, 0.0]
             shares[task.base_index], shares[other] = 1.0 - t, t
             return coefficients, shares
+        return self._linear(task)
+
+    def _linear(self, task: TensorTask) -> tuple[list[float], list[float]]:
+        """A weighted mean's coefficients and weight shares (linear's own rule for ``normalize``)."""
         weights = [float(p.get("weight", 1.0)) for p in task.input_params]
         total = sum(weights)
         normalize = bool(task.params.get("normalize", True)) or self.method != "linear"

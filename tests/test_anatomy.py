@@ -260,10 +260,11 @@ def test_fused_reduction_equals_the_torch_one(dtype: torch.dtype) -> None:
         (base + 0.1 * torch.randn(3001, generator=generator)).to(dtype) for _ in range(3)
     ]
     tensors[1][:100] = tensors[0][:100]  # some entries where a task vector is zero
-    for signs in ([1, 2, 3], []):
-        fused, torch_path = _reduce_kernels(tensors, 0, signs), _reduce_torch(tensors, 0, signs)
+    for signs in (True, False):
+        fused = _reduce_kernels(tensors, 0, [1, 2, 3], signs, not signs)
+        torch_path = _reduce_torch(tensors, 0, [1, 2, 3] if signs else [])
         assert torch.allclose(fused[0], torch_path[0], rtol=1e-5)
         if not signs:
             assert torch.allclose(fused[1], torch_path[1], rtol=1e-5)
         assert fused[2:] == torch_path[2:]
-    assert fused[2] == 0 and _reduce_kernels(tensors, 0, [1, 2, 3])[2] > 500
+    assert fused[2] == 0 and _reduce_kernels(tensors, 0, [1, 2, 3], True, False)[2] > 500
