@@ -73,7 +73,7 @@ from engine.vocab import align_rows
 SCHEMA = "mergebot.merge_report/1"
 REPORT_NAME = "merge_report.json"
 PLOT_NAME = "merge_anatomy.png"
-SLICE = 1 << 18  # elements per input per reduction step: stays in cache
+SLICE = 1 << 20  # elements per input per reduction step (the fused loops block it for the cache)
 
 Kind = Literal["task_vector", "distance"]
 MAGNITUDE_METHODS = frozenset({"ties", "breadcrumbs", "breadcrumbs_ties"})

@@ -248,9 +248,17 @@ def test_report_files_and_plot(llama_family: Family, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_reduction_equals_the_torch_one(dtype: torch.dtype) -> None:
-    from engine import kernels
-    from engine.anatomy import _reduce_kernels, _reduce_torch
+def test_fused_reduction_equals_the_torch_one(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine import anatomy, kernels
+    from engine.anatomy import _reduce_torch
+
+    monkeypatch.setattr(anatomy, "SLICE", 1000)  # several slices, spread over the pool
+
+    def _reduce_kernels(*args: object) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        with ThreadPoolExecutor(2) as pool:
+            return anatomy._reduce_kernels(*args, pool)  # type: ignore[arg-type]
 
     if not kernels.available():
         pytest.skip("numba is not installed")
