@@ -3,8 +3,11 @@
 Observed during the streaming pass: :class:`Anatomy` sees each output tensor's inputs once,
 as the engine's reader thread reads them, or as the zero-copy views the streaming methods
 use, just before the merge reads them (so the pages are mapped once), and reduces them
-slice by slice to a few sums. It never sees or
-changes what the method computes, so the merged bytes are the same with or without it.
+slice by slice to a few sums. It never sees or changes what the method computes, so the
+merged bytes are the same with or without it. Memory: a few slices per thread, plus, for
+tensors whose rows are tokens and are read whole, one aligned copy of the inputs. Views
+are observed as stored: where a method rounds inputs to the recipe's ``dtype`` slice by
+slice, the anatomy sees them unrounded.
 
 Per tensor, with ``x_i`` its inputs (in the compute dtype) and ``r`` the reference input
 (the base model when the recipe has one, else the first input), the sums are the Gram matrix
