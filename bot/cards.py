@@ -94,6 +94,7 @@ class CardContext:
     evaluations: tuple[tuple[str, float], ...] = ()
     search: SearchHistory | None = None  # set for a model found by `evolve`
     quality: QualityReport | None = None  # the merge's quality check (engine.quality)
+    anatomy: bool = False  # the repo holds merge_anatomy.png and merge_report.json (engine.anatomy)
 
     @property
     def license_display(self) -> str:
@@ -200,6 +201,7 @@ def build_context(
     evaluations: Sequence[tuple[str, float]] = (),
     search: SearchHistory | None = None,
     quality: QualityReport | None = None,
+    anatomy: bool = False,
 ) -> CardContext:
     """Assemble a card's context from facts already gathered (no I/O)."""
     nodes, edges, missing = lineage_graph(repo_id, lineage)
@@ -228,6 +230,7 @@ def build_context(
         evaluations=tuple(evaluations),
         search=search,
         quality=quality,
+        anatomy=anatomy,
     )
 
 

@@ -53,6 +53,7 @@ from engine import (
     raise_for_audit,
     run_merge,
 )
+from engine.anatomy import PLOT_NAME
 from engine.quality import QualityOptions, QualityReport, check_quality
 
 log = logging.getLogger(__name__)
@@ -425,6 +426,7 @@ class Worker:
         lineage: Lineage,
         search: SearchHistory | None = None,
         quality: QualityReport | None = None,
+        anatomy: bool = False,
     ) -> bytes:
         """The model card of a job's result (a merge, or the best merge of a search)."""
         context = build_context(
@@ -440,6 +442,7 @@ class Worker:
             job_id=job.id,
             search=search,
             quality=quality,
+            anatomy=anatomy,
         )
         return render_card(context).encode()
 
@@ -535,6 +538,7 @@ class Worker:
                     device=self.settings.device,
                     out_shard_size=self.settings.shard_bytes,
                     verify=True,  # nothing is committed unless transformers loads the output
+                    report=True,  # merge_report.json and merge_anatomy.png go into the repo and the card
                 ),
                 progress=progress,
                 on_shard=upload_shard,
@@ -545,7 +549,10 @@ class Worker:
             for file in sorted(out.iterdir()):
                 if file.name not in staged and file.is_file():
                     pub.add(file.name, file)
-            pub.add("README.md", self.card(job, pre, lineage, quality=quality))
+            pub.add(
+                "README.md",
+                self.card(job, pre, lineage, quality=quality, anatomy=(out / PLOT_NAME).is_file()),
+            )
             status.show(f"📦 Job `{job.id}` is merged; publishing `{spec.destination}`…")
             title = f"{'Re-merge' if spec.kind == 'remerge' else 'Merge'} {name} ({marker})"
             return pub.commit(title, commit_description(job, pre)), quality

@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="after merging, check the output's quality against its parents (perplexity on a short "
         "text, greedy generations); a failing check exits with status 3 and keeps OUT_DIR",
     )
+    merge.add_argument(
+        "--report",
+        action="store_true",
+        help="also write the merge's anatomy into OUT_DIR: merge_report.json (per-layer parent shares, "
+        "sign conflicts, dropped entries, cosines) and merge_anatomy.png",
+    )
     merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     tok = merge.add_mutually_exclusive_group()
     tok.add_argument(
@@ -230,6 +236,7 @@ def _merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         base_dir=os.path.dirname(os.path.abspath(args.recipe)),
         verify=args.verify,
+        report=args.report,
     )
     _audit(config, options, args.allow_crimes)
     if args.dry_run:

@@ -591,6 +591,37 @@ if HAVE_NUMBA:
         for i in range(n):
             store(out, i, acc[i])
 
+    @njit(nogil=True, cache=True)
+    def _delta_gram_signs(models: Any, base: Any, start: int, end: int, rows: Any, flags: Any) -> Any:
+        # _block_gram's task vectors, and per entry whether some are positive (bit 0) and
+        # some negative (bit 1), from the same block of rows while it is in the cache
+        count = len(models)
+        gram = np.zeros((count, count), np.float64)
+        block = rows.shape[1]
+        conflicts = 0
+        nonzero = 0
+        for first in range(start, end, block):
+            last = min(first + block, end)
+            n = last - first
+            b = base[first:last]
+            for i in range(n):
+                flags[i] = 0
+            for m in range(count):
+                x = models[m][first:last]
+                row = rows[m]
+                for i in range(n):
+                    d = load(x, i) - load(b, i)
+                    row[i] = d
+                    flags[i] |= np.uint8(d > 0) | (np.uint8(d < 0) << np.uint8(1))
+            _add_products(rows, n, gram)
+            for i in range(n):
+                conflicts += flags[i] == 3
+                nonzero += flags[i] != 0
+        for a in range(count):
+            for c in range(a):
+                gram[a, c] = gram[c, a]
+        return gram, conflicts, nonzero
+
 
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 
@@ -620,6 +651,17 @@ def gram(models: tuple[np.ndarray[Any, Any], ...], start: int, end: int) -> np.n
     """The Gram matrix of the inputs themselves over ``[start, end)``, in float64."""
     rows = scratch("gram", len(models) * GRAM_BLOCK).reshape(len(models), GRAM_BLOCK)
     return _block_gram(models, models[0], start, end, rows, False)
+
+
+def delta_gram_signs(
+    models: tuple[np.ndarray[Any, Any], ...], base: np.ndarray[Any, Any], start: int, end: int
+) -> tuple[np.ndarray[Any, Any], int, int]:
+    """:func:`delta_gram`, and the entries where the task vectors take both signs, and where any is non-zero."""
+    rows = scratch("gram", len(models) * GRAM_BLOCK).reshape(len(models), GRAM_BLOCK)
+    gram, conflicts, nonzero = _delta_gram_signs(
+        models, base, start, end, rows, scratch("signs", GRAM_BLOCK, np.uint8)
+    )
+    return gram, int(conflicts), int(nonzero)
 
 
 def scaled_delta_sum(

@@ -17,6 +17,7 @@ place only when complete, so a failed merge leaves no partial output behind.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Literal
 import torch
 
 from engine import buffers, kernels
+from engine.anatomy import Anatomy, write_report
 from engine.config import MergeConfig
 from engine.errors import MergeError, OutputError, RecipeError
 from engine.methods.base import MergeCall
@@ -47,6 +49,7 @@ from engine.writer import DEFAULT_SHARD_BYTES, OutputTensor, ShardedWriter
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]
+Observer = Callable[[Sequence[torch.Tensor]], None]  # sees one tensor's inputs before its merge
 
 TOKENIZER_FILES = (
     "tokenizer_config.json",
@@ -81,6 +84,7 @@ class MergeOptions:
     hub_endpoint: str | None = None  # None: huggingface_hub's default (HF_ENDPOINT or huggingface.co)
     hub_token: str | None = field(default=None, repr=False)  # never shown in reprs or logs
     verify: bool = False  # also check that transformers loads the output (engine.verify.check_loads)
+    report: bool = False  # also write merge_report.json and merge_anatomy.png (engine.anatomy)
 
 
 @dataclass(frozen=True)
@@ -200,13 +204,18 @@ def run_merge(
                 options.out_shard_size,
                 on_shard=on_shard,
             )
+            anatomy = Anatomy(plan) if options.report else None
             try:
-                _execute(plan, opened.sources, writer, device, progress)
+                _execute(plan, opened.sources, writer, device, progress, anatomy)
                 writer.finish()
             finally:
                 writer.abort()
                 buffers.POOL.clear()  # a long-lived process (the bot) keeps nothing between merges
+                if anatomy is not None:
+                    anatomy.close()
             _write_side_files(config, plan, opened.sources, staging, options)
+            if anatomy is not None:
+                write_report(anatomy.report(), staging)
         check_written(plan, staging)
         if options.verify:
             check_loads(staging, {task.name: task.shape for task in plan.tasks})
@@ -229,12 +238,15 @@ def _execute(
     writer: ShardedWriter,
     device: torch.device,
     progress: Progress | None,
+    anatomy: Anatomy | None = None,
 ) -> None:
     """Compute tensors in plan order, with reading and writing overlapped.
 
     A reader thread fetches the next tensor's inputs while this one is merged, and a writer
     thread stores finished tensors (at most two wait for it, which bounds memory) while the
-    next ones are computed. Errors from either thread surface here.
+    next ones are computed. Errors from either thread surface here. ``anatomy`` observes each
+    tensor's inputs once: in the reader thread when they are read, else the views the merge
+    uses, just before it (so their pages are mapped once).
     """
     tasks = plan.tasks
     total = len(tasks)
@@ -243,7 +255,10 @@ def _execute(
 
     def fetch(task: TensorTask) -> tuple[InputMode, list[torch.Tensor] | None]:
         mode = input_mode(plan, task, sources, device)
-        return mode, read_inputs(task, sources, device) if mode == "read" else None
+        inputs = read_inputs(task, sources, device) if mode == "read" else None
+        if anatomy is not None and inputs is not None:
+            anatomy.observe(task, inputs)  # views are observed where they are merged, below
+        return mode, inputs
 
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergebot-read") as reader,
@@ -255,7 +270,8 @@ def _execute(
             mode, inputs = pending.result()
             if done + 1 < total:
                 pending = reader.submit(fetch, tasks[done + 1])
-            result = merge_task(plan, task, sources, mode, inputs)
+            observe = None if anatomy is None or mode == "read" else functools.partial(anatomy.observe, task)
+            result = merge_task(plan, task, sources, mode, inputs, observe=observe)
             del inputs
             while len(writes) >= 2:
                 writes.popleft().result()
@@ -316,18 +332,25 @@ def merge_task(
     sources: Mapping[str, ModelSource],
     mode: InputMode,
     inputs: list[torch.Tensor] | None = None,
+    *,
+    observe: Observer | None = None,
 ) -> torch.Tensor:
-    """One output tensor, its inputs reaching the method as ``mode`` says (``read``: ``inputs``)."""
+    """One output tensor, its inputs reaching the method as ``mode`` says (``read``: ``inputs``).
+
+    ``observe``: called with the views of the inputs before they are merged (not in ``read`` mode).
+    """
     if mode == "read":
         if inputs is None:
             raise ValueError("read mode needs the inputs")
         return combine(plan, task, inputs)
     if mode == "slices":
-        return combine_by_slices(plan, task, sources)
-    return combine_from_views(plan, task, sources)
+        return combine_by_slices(plan, task, sources, observe)
+    return combine_from_views(plan, task, sources, observe)
 
 
-def combine_from_views(plan: MergePlan, task: TensorTask, sources: Mapping[str, ModelSource]) -> torch.Tensor:
+def combine_from_views(
+    plan: MergePlan, task: TensorTask, sources: Mapping[str, ModelSource], observe: Observer | None = None
+) -> torch.Tensor:
     """Merge one tensor with a streaming method, its inputs zero-copy views of the files."""
     large = math.prod(task.shape) * DTYPES[task.dtype][1] >= RELEASE_BYTES
     parts = [
@@ -342,10 +365,14 @@ def combine_from_views(plan: MergePlan, task: TensorTask, sources: Mapping[str, 
 
     with ExitStack() as stack:
         views = [stack.enter_context(sources[i.model].view(i.tensor)) for i in task.inputs]  # type: ignore[attr-defined]
+        if observe is not None:
+            observe(views)
         return combine(plan, task, views, release if parts else None)
 
 
-def combine_by_slices(plan: MergePlan, task: TensorTask, sources: Mapping[str, ModelSource]) -> torch.Tensor:
+def combine_by_slices(
+    plan: MergePlan, task: TensorTask, sources: Mapping[str, ModelSource], observe: Observer | None = None
+) -> torch.Tensor:
     """Merge an elementwise method slice by slice from zero-copy views of the inputs.
 
     Gives exactly the numbers of :func:`combine` (each element sees the same operations),
@@ -361,6 +388,8 @@ def combine_by_slices(plan: MergePlan, task: TensorTask, sources: Mapping[str, M
     total = flat_out.numel()
     with ExitStack() as stack:
         views = [stack.enter_context(sources[i.model].view(i.tensor)).reshape(-1) for i in task.inputs]  # type: ignore[attr-defined]
+        if observe is not None:
+            observe(views)
 
         def merge_slice(start: int) -> None:
             end = min(start + SLICE_ELEMENTS, total)

@@ -139,3 +139,12 @@ def test_a_forced_failed_or_skipped_check_is_shown_without_a_model_index() -> No
     skipped = render_card(context(quality=QualityReport("skipped", ("the model has no tokenizer",))))
     assert "Quality check skipped: the model has no tokenizer." in skipped
     assert ModelCard(skipped).data.eval_results is None
+
+
+def test_card_embeds_the_merge_anatomy_only_when_the_repo_has_it() -> None:
+    with_plot = render_card(context(anatomy=True))
+    without = render_card(context())
+    assert "![merge anatomy](merge_anatomy.png)" in with_plot
+    assert "[figures](merge_report.json)" in with_plot
+    assert "merge_anatomy.png" not in without and "## Merge anatomy" not in without
+    assert with_plot.index("## Recipe") < with_plot.index("## Merge anatomy") < with_plot.index("## License")

@@ -57,6 +57,8 @@ def test_merge_from_a_discussion_end_to_end(world: World, serve_bot: BotFactory,
         "mergekit_config.yml",
         "README.md",
         "model.safetensors.index.json",
+        "merge_report.json",
+        "merge_anatomy.png",
     } <= files
     assert len([f for f in files if f.endswith(".safetensors")]) > 1
     commits = world.alice.list_repo_commits(repo)
@@ -72,6 +74,7 @@ def test_merge_from_a_discussion_end_to_end(world: World, serve_bot: BotFactory,
     assert card.data.library_name == "transformers"
     assert set(card.data.tags) >= {"merge", "mergekit", "mergebot", "ties"}
     assert "```mermaid" in text and "acme/grandbase" in text  # two generations up
+    assert "![merge anatomy](merge_anatomy.png)" in text
     assert "bob/missing-parent" in text  # a missing ancestor is shown, not followed
     assert "| base |" in text and "0.6" in text and "0.5" in text
     info = world.alice.model_info(repo)
