@@ -6,6 +6,7 @@ check refuses; one process serves the page, the webhook and /health; jobs surviv
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,7 +128,8 @@ def test_submit_enters_the_bots_queue_and_publishes(service: SpaceService, stack
     guest = new_guest()
     job = service.submit(recipe("demo-lab/tiny-math", "demo-lab/tiny-chat"), name="nc-merge", requester=guest)
     assert job.spec.requester == guest and job.spec.report is None
-    assert all("@" in ref for ref in job.spec.parents.values()) or job.spec.parents
+    assert set(job.spec.parents) == {"demo-lab/tiny-base", "demo-lab/tiny-math", "demo-lab/tiny-chat"}
+    assert all(re.fullmatch(r"[0-9a-f]{40}", sha) for sha in job.spec.parents.values())  # each pinned
     deadline = time.monotonic() + 60
     while (current := service.bot.store.get(job.id)) is not None and current.state in ("queued", "running"):
         assert time.monotonic() < deadline, "the merge did not finish"
