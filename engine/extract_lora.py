@@ -30,7 +30,7 @@ Which tensors go where:
 
 Tensors are read one module at a time through the engine's sources (local folders, Hub
 repos, ``base+adapter``), and each module's factors go to a spill file on disk as they are
-made: peak memory is about ten float32 copies of the largest weight (both inputs, the delta,
+made: peak memory is about ten to twelve float32 copies of the largest weight (both inputs, the delta,
 ``U``/``S``/``Vh``, LAPACK's workspace, the factors), whatever the size of the model or the adapter. The output folder is built
 beside the destination and renamed into place only when complete.
 """

@@ -103,7 +103,7 @@ def test_peak_rss_of_a_lora_extraction_is_bounded_by_a_few_tensors(tmp_path: Pat
     before = peak_rss(*common, "--rank", "0", str(tmp_path / "refused"))
     after = peak_rss(*common, "--rank", str(rows), str(tmp_path / "adapter"))
     adapter = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
-    bound = 10 * rows * cols * 4  # the bound documented in engine/extract_lora.py
+    bound = 12 * rows * cols * 4  # the bound documented in engine/extract_lora.py (10-12 copies)
     growth = after - before
     inputs = 2 * (base / "model.safetensors").stat().st_size
     assert inputs + adapter > 3 * bound
