@@ -250,14 +250,7 @@ class DiscussionService:
                 conn, discussion, "title-change", user.user.name, {"from": discussion.title, "to": title}, now
             )
             discussion = self.hub.discussions.update(conn, discussion, title=title)
-            queued = self.hub.emit(
-                conn,
-                repo,
-                "discussion",
-                "discussion",
-                "update",
-                self._payload(conn, repo, discussion, base_url),
-            )
+            queued = self._emit_discussion_update(conn, repo, discussion, base_url)
             view = self._event_view(conn, event)
         if queued:
             self.hub.outbox_written()
@@ -296,14 +289,7 @@ class DiscussionService:
                 conn, discussion, "status-change", user.user.name, {"status": status}, now
             )
             discussion = self.hub.discussions.update(conn, discussion, status=status)
-            queued = self.hub.emit(
-                conn,
-                repo,
-                "discussion",
-                "discussion",
-                "update",
-                self._payload(conn, repo, discussion, base_url),
-            )
+            queued = self._emit_discussion_update(conn, repo, discussion, base_url)
             view = self._event_view(conn, event)
         if queued:
             self.hub.outbox_written()
@@ -314,6 +300,14 @@ class DiscussionService:
         if event is None or event.type != "comment":
             raise NotFound(f"Comment {comment_id} not found in discussion #{discussion.num}.")
         return event
+
+    def _emit_discussion_update(
+        self, conn: sqlite3.Connection, repo: Repo, discussion: Discussion, base_url: str
+    ) -> int:
+        """A discussion's rename, status change or merge, as the Hub reports it: `discussion` / `update`."""
+        return self.hub.emit(
+            conn, repo, "discussion", "discussion", "update", self._payload(conn, repo, discussion, base_url)
+        )
 
     def _emit_comment_update(
         self, conn: sqlite3.Connection, repo: Repo, discussion: Discussion, event: Event, base_url: str
@@ -447,14 +441,7 @@ class DiscussionService:
                     "updatedRefs": [{"ref": target, "oldSha": target_head, "newSha": commit.oid}],
                 },
             )
-            queued += self.hub.emit(
-                conn,
-                repo,
-                "discussion",
-                "discussion",
-                "update",
-                self._payload(conn, repo, discussion, base_url),
-            )
+            queued += self._emit_discussion_update(conn, repo, discussion, base_url)
             view = self._event_view(conn, event)
         if queued:
             self.hub.outbox_written()
